@@ -1,0 +1,94 @@
+"""Small shared helpers: errors for users, device choice, atomic checkpoints, EMA, image grids."""
+import os
+import random
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A problem with the user's input: train_toy.py prints it as one line and exits with code 2."""
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cuda", "mps", "cpu"):
+        raise UserError(f"--device must be auto, cuda, mps or cpu; got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda but CUDA is not available here")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device=mps but MPS is not available here")
+    return torch.device(name)
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a run killed mid-write never leaves a torn file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic on POSIX and Windows
+
+
+def load_checkpoint(path, kind):
+    """Load a checkpoint written by this project and check it is of the expected kind."""
+    if not path:
+        raise UserError("no checkpoint given: pass --ckpt=PATH (e.g. out/ddpm/ckpt.pt)")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle/zip errors: the file is truncated or not a checkpoint
+        raise UserError(f"could not read checkpoint {path} ({type(e).__name__}): is it corrupt?") from None
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project")
+    if ckpt["kind"] != kind:
+        raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, expected {kind!r}")
+    return ckpt
+
+
+@torch.no_grad()  # the EMA is bookkeeping, not part of any graph
+def ema_update(ema, model, decay):
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p.detach(), 1 - decay)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def to_uint8(x):
+    """Images in [-1, 1] (B, C, H, W) -> uint8 numpy (B, H, W, C)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(x, path, nrow=8):
+    """Save images in [-1, 1] (B, C, H, W) as one PNG grid."""
+    from torchvision.utils import save_image
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_image((x.detach().float().cpu().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2)

@@ -1,0 +1,101 @@
+"""CIFAR-10 as tensors on the device.
+
+Two sources: a local folder in ImageFolder layout (`<root>/train/<class>/*.jpg`, `<root>/test/...`),
+or torchvision's download into `<root>` for users with internet. The decoded split is cached as a
+.npz under the run's out_dir, so the JPEGs are decoded once. The whole split then sits on the
+device as uint8 (150 MB for the 50k training images) and batches, flips included, are cut there:
+no DataLoader, no worker processes, never the bottleneck.
+"""
+import hashlib
+import os
+
+import numpy as np
+import torch
+
+from common import UserError
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _from_folder(split_dir, n):
+    """Decode an ImageFolder split; with n > 0, the first n // 10 images of every class."""
+    from PIL import Image
+
+    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    if tuple(classes) != CLASSES:
+        raise UserError(f"{split_dir} should hold the 10 CIFAR-10 class folders, found {len(classes)}: "
+                        f"pass --data_root=PATH to a folder with train/<class>/*.jpg and test/<class>/*.jpg")
+    images, labels = [], []
+    for y, c in enumerate(classes):
+        files = sorted(os.listdir(os.path.join(split_dir, c)))
+        files = files[: n // len(classes)] if n > 0 else files
+        for f in files:
+            with Image.open(os.path.join(split_dir, c, f)) as im:
+                images.append(np.asarray(im.convert("RGB").resize((32, 32))))
+        labels += [y] * len(files)
+    if not images:
+        raise UserError(f"no images under {split_dir}: pass --data_root=PATH to a CIFAR-10 folder")
+    return np.stack(images), np.array(labels)
+
+
+def _from_torchvision(root, train, n):
+    import torchvision
+
+    try:
+        ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
+    except Exception as e:  # offline, or the download was refused
+        raise UserError(f"could not download CIFAR-10 into {root!r} ({type(e).__name__}); offline? "
+                        f"pass --data_root=PATH to a folder with train/<class>/*.jpg, test/<class>/*.jpg") from None
+    x, y = ds.data, np.array(ds.targets)  # (N, 32, 32, 3) uint8, (N,)
+    if n > 0:  # the first n // 10 of each class, as for a folder
+        keep = np.concatenate([np.flatnonzero(y == c)[: n // 10] for c in range(10)])
+        x, y = x[keep], y[keep]
+    return x, y
+
+
+def load_cifar10(root, split="train", n=0, cache_dir=None):
+    """Returns (x, y): uint8 (N, 3, 32, 32) images and int64 (N,) labels, on the CPU."""
+    if split not in ("train", "test"):
+        raise ValueError(split)
+    cache = None
+    if cache_dir:
+        tag = hashlib.sha1(f"{os.path.abspath(root)}|{split}|{n}".encode()).hexdigest()[:10]
+        cache = os.path.join(cache_dir, f"cifar10_{split}_{n}_{tag}.npz")
+        if os.path.isfile(cache):
+            with np.load(cache) as f:
+                return torch.from_numpy(f["x"]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(f["y"]).long()
+    split_dir = os.path.join(root, split)
+    if os.path.isdir(split_dir):
+        x, y = _from_folder(split_dir, n)
+    elif os.path.isdir(os.path.join(root, "cifar-10-batches-py")) or root == "data":
+        x, y = _from_torchvision(root, split == "train", n)  # "data" is the default: download there
+    else:
+        raise UserError(f"no CIFAR-10 at --data_root={root!r}: expected {split_dir}/<class>/*.jpg "
+                        f"(or leave --data_root unset to download it)")
+    if cache:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = cache + ".tmp.npz"
+        np.savez(tmp, x=x, y=y)
+        os.replace(tmp, cache)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y).long()
+
+
+class DeviceBatches:
+    """Random batches with horizontal flips, cut from a uint8 tensor that lives on the device."""
+
+    def __init__(self, x_uint8, y, device, flip=True):
+        self.x = x_uint8.to(device)  # (N, 3, 32, 32) uint8
+        self.y = y.to(device)  # (N,)
+        self.flip = flip
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def sample(self, batch_size):
+        """Returns images in [-1, 1] (B, 3, 32, 32) float32 and labels (B,)."""
+        idx = torch.randint(0, len(self), (batch_size,), device=self.x.device)  # (B,)
+        x = self.x[idx].float() / 127.5 - 1  # (B, 3, 32, 32) in [-1, 1]
+        if self.flip:
+            mask = torch.rand(batch_size, 1, 1, 1, device=x.device) < 0.5  # (B, 1, 1, 1)
+            x = torch.where(mask, x.flip(3), x)
+        return x, self.y[idx]

@@ -1,0 +1,39 @@
+"""The UNet: output shape for any channel count, time conditioning, sizes, layers reachable by name."""
+import pytest
+import torch
+import torch.nn as nn
+
+import config
+from unet import UNet, build_unet
+
+
+@pytest.mark.parametrize("in_ch", [1, 3, 4])
+def test_output_shape_any_channel_count(in_ch):
+    net = UNet(in_ch=in_ch, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(16,))
+    x = torch.randn(2, in_ch, 32, 32)
+    assert net(x, torch.tensor([0, 999])).shape == x.shape
+
+
+def test_time_conditioning_changes_output():
+    torch.manual_seed(0)
+    net = build_unet(config.DEFAULTS).eval()
+    x = torch.randn(1, 3, 32, 32).expand(3, 3, 32, 32)  # the same image three times
+    out = net(x, torch.tensor([0, 500, 999]))
+    assert not torch.allclose(out[0], out[1], atol=1e-4) and not torch.allclose(out[1], out[2], atol=1e-4)
+    assert torch.allclose(net(x[:1], torch.tensor([500])), out[1:2], atol=1e-5)  # same t -> same output
+
+
+def test_preset_sizes():
+    n = lambda cfg: sum(p.numel() for p in build_unet(cfg).parameters())
+    assert 0.5e6 <= n(config.DEFAULTS) <= 2e6  # the CPU / test model
+    gpu = dict(config.DEFAULTS, **config.PRESETS["gpu"])
+    assert abs(n(gpu) - 35.7e6) < 0.2e6  # Ho et al. 2020's CIFAR-10 model: 35.7M
+
+
+def test_weight_layers_are_named_conv_and_linear():
+    net = build_unet(config.DEFAULTS)
+    names = {name for name, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert {"conv_in", "conv_out", "temb.0", "mid_attn.qkv", "down.0.res.0.conv1", "up.0.res.0.temb"} <= names
+    # every parameter lives in a Conv2d, a Linear or a GroupNorm: nothing hidden for LoRA to miss
+    kinds = {type(m) for m in net.modules() if any(True for _ in m.parameters(recurse=False))}
+    assert kinds <= {nn.Conv2d, nn.Linear, nn.GroupNorm}

@@ -56,7 +56,7 @@ def save_atomic(obj, path):
 
 
 def load_checkpoint(path, kind):
-    """Load a checkpoint written by this project and check it is of the expected kind."""
+    """Load a checkpoint written by this project and check it is of the expected kind (or kinds)."""
     if not path:
         raise UserError("no checkpoint given: pass --ckpt=PATH (e.g. out/ddpm/ckpt.pt)")
     if not os.path.isfile(path):
@@ -67,8 +67,9 @@ def load_checkpoint(path, kind):
         raise UserError(f"could not read checkpoint {path} ({type(e).__name__}): is it corrupt?") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this project")
-    if ckpt["kind"] != kind:
-        raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, expected {kind!r}")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if ckpt["kind"] not in kinds:
+        raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, expected {' or '.join(map(repr, kinds))}")
     return ckpt
 
 

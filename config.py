@@ -13,6 +13,7 @@ DEFAULTS = dict(
     # --- run ---
     preset="auto",  # auto | cpu | gpu  (auto: gpu when CUDA is available, else cpu)
     device="auto",  # auto | cuda | mps | cpu  (auto: cuda -> mps -> cpu)
+    stages="all",  # which pipeline stages to run: all, or a comma list (e.g. ddpm)
     out_dir="out",  # every stage writes under here: out/ddpm/ckpt.pt, out/ddpm/samples_*.png, ...
     data_root="data",  # CIFAR-10: ImageFolder layout (train/<class>/*.jpg) or torchvision's download
     n_train=0,  # use only the first n_train training images (evenly over classes); 0 = all 50k
@@ -40,6 +41,46 @@ DEFAULTS = dict(
     log_every=25,
     sample_every=300,  # sample grid from fixed noise (DDIM-50, EMA weights)
     ckpt_every=100,
+    # --- reward classifier and held-out evaluator ---
+    classifier_width=8,  # the reward classifier: ResNet-9 (Page 2018), channels w, 2w, 4w, 8w
+    classifier_steps=600,  # 1.5 epochs of batch 128
+    evaluator_width=8,  # the held-out evaluator: VGG-style, channels w..8w (its 8w features give the FD)
+    evaluator_steps=500,
+    cls_batch_size=128,  # these five are shared by both nets: SGD + Nesterov, one-cycle lr
+    cls_lr=0.2,
+    cls_weight_decay=5e-4,
+    cls_label_smoothing=0.2,
+    cls_ckpt_every=100,
+    n_test=0,  # use only the first n_test test images (evenly over classes); 0 = all 10k
+    # --- shortcut (consistency distillation) ---
+    k_segments=4,  # segments of the DDIM-50 chain; edges at their last timesteps (k=4: 761, 501, 261, 1)
+    distill_steps=300,
+    distill_batch=64,
+    distill_lr=2e-4,
+    distill_ema=0.95,  # decay mu of the target network (Song et al. 2023: 0.95 for CD on CIFAR-10)
+    cd_loss="l2",  # l2 | huber (pseudo-Huber, Song & Dhariwal 2023)
+    teacher_solver="ddim",  # ddim | heun: the teacher's ODE step t_{n+1} -> t_n
+    # --- ShortFT reward fine-tuning (shortft.py, train_shortft.py) ---
+    reward="classifier:ship",  # rewards.py spec: brightness, brightness:0.8, classifier:<class>, 0.7*a+0.3*b
+    ft_steps=120,
+    ft_batch=8,
+    ft_lr=2e-3,
+    ft_grad_clip=1.0,
+    reward_scale=1.0,  # loss = -reward_scale * mean reward
+    lora_rank=4,  # the paper uses 128 on SD 1.5
+    lora_alpha=4.0,
+    lora_targets="",  # comma list of layer-name parts to put LoRA on (e.g. attn,temb); empty = every conv/linear
+    full_ft=False,  # train all base weights instead of LoRA (no T-LoRA then)
+    tlora=True,  # timestep-aware LoRA: one LoRA per segment, stacked (PAPER.md Sec. 3)
+    progressive=True,  # P-Training: k stages, the real chain grows by a segment each stage
+    n_eval=256,  # DDIM-50 samples from fixed noise, scored before and after fine-tuning
+    ft_ckpt_every=20,
+    method="shortft",  # shortft | draft | draft_lv | alignprop | full: where the gradient is cut (shortft.py)
+    draft_k=1,  # DRaFT-K: the last K of the 50 steps carry gradient
+    lv_n=2,  # DRaFT-LV: copies of the last step
+    alignprop_min=35,  # AlignProp: the cut is uniform in [min, max] of the 50 steps (its default 35..45)
+    alignprop_max=45,
+    full_checkpoint=False,  # full backprop: gradient checkpointing on every UNet call
 )
 
 PRESETS = {
@@ -47,12 +88,19 @@ PRESETS = {
     # The DDPM of Ho et al. 2020 for CIFAR-10 (35.7M parameters), trained for what fits ~20 min on one H100.
     "gpu": dict(ch=128, ch_mult="1,2,2,2", num_res_blocks=2, attn_res="16", dropout=0.1,
                 ddpm_steps=40000, batch_size=128, lr=2e-4, warmup=1000, ema_decay=0.9999,
-                log_every=100, sample_every=5000, ckpt_every=2000),
+                log_every=100, sample_every=5000, ckpt_every=2000,
+                classifier_width=64, evaluator_width=64, classifier_steps=2500, evaluator_steps=2500,
+                cls_batch_size=512, cls_lr=0.4, cls_ckpt_every=500,
+                ft_steps=1500, ft_batch=32, lora_rank=16, lora_alpha=16.0, n_eval=2000, ft_ckpt_every=250),
 }
 
 # keys of the `sample` command (python train_toy.py sample --ckpt=... --n=...)
 SAMPLE_DEFAULTS = dict(ckpt="", n=64, sampler="ddim", steps=50, eta=0.0, out="samples.npz",
                        seed=0, device="auto", batch_size=256)
+
+# keys of the `eval` command (python train_toy.py eval --samples=FILE.npz --target=ship); evaluate.py
+EVAL_DEFAULTS = dict(samples="", target="", reward="", out_dir="out", device="auto", inception=False,
+                     inception_weights="")
 
 
 def _convert(key, raw, default):

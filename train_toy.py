@@ -3,10 +3,18 @@
     python train_toy.py                      # run every stage (skips stages whose checkpoint is complete)
     python train_toy.py --ddpm_steps=2000    # any key of config.DEFAULTS, as --key=value
     python train_toy.py sample --ckpt=out/ddpm/ckpt.pt --n=64 --sampler=ddim --steps=50 --out=s.npz
+    python train_toy.py sample --ckpt=out/distill/ckpt.pt --sampler=shortcut   # k jumps + 1 final step
+    python train_toy.py sample --ckpt=out/shortft/ckpt.pt   # the fine-tuned base model, DDIM-50
+    python train_toy.py eval --samples=s.npz --target=ship   # held-out metrics (evaluate.py)
 
 Stages, in order (each writes under <out_dir>/<stage>/):
     ddpm   train the base DDPM (train_ddpm.py; maths in ddpm.py, network in unet.py)
+    distill  the shortcut: segment-wise consistency distillation of the DDPM (consistency.py)
+    classifier  train the reward classifier and the held-out evaluator (classifier.py; rewards.py)
+    shortft  fine-tune the base DDPM against the reward through the shortcut chain (shortft.py)
 """
+import importlib
+import json
 import os
 import sys
 import time
@@ -15,7 +23,13 @@ import numpy as np
 import torch
 
 import config
-from common import UserError, pick_device, save_grid, seed_all, to_uint8
+from common import UserError, load_checkpoint, pick_device, save_grid, seed_all, to_uint8
+
+
+# (stage, module): each module's train(cfg, device) runs the stage, or skips it when its checkpoint
+# <out_dir>/<stage>/ckpt.pt is complete. Later stages read the checkpoints of earlier ones.
+STAGES = [("ddpm", "train_ddpm"), ("distill", "consistency"), ("classifier", "classifier"),
+          ("shortft", "train_shortft")]
 
 
 def run_pipeline(args):
@@ -29,33 +43,73 @@ def run_pipeline(args):
     if cfg["preset"] == "cpu":
         print("[train_toy] CPU preset: a small UNet and short stages, about 10 minutes per stage on 2 cores. "
               "For the real run use a GPU (--preset=gpu); override any key with --key=value.")
-    import train_ddpm
-
+    wanted = [s for s, _ in STAGES] if cfg["stages"] == "all" else cfg["stages"].split(",")
+    unknown = [s for s in wanted if s not in dict(STAGES)]
+    if unknown:
+        raise UserError(f"unknown stage {unknown[0]!r}: --stages takes all or a comma list of "
+                        f"{', '.join(s for s, _ in STAGES)}")
     minutes = {}
-    t0 = time.time()
-    train_ddpm.train(dict(cfg), device)
-    minutes["ddpm"] = (time.time() - t0) / 60
-    print("\nstage   minutes")
+    for stage, module in STAGES:
+        if stage not in wanted:
+            continue
+        t0 = time.time()
+        importlib.import_module(module).train(dict(cfg), device)  # writes <out_dir>/<stage>/ckpt.pt
+        minutes[stage] = (time.time() - t0) / 60
+    print_results(cfg["out_dir"], cfg["method"], minutes)
+
+
+def print_results(out_dir, method, minutes):
+    """The closing table: minutes per stage, then the fine-tuning's before/after metrics."""
+    print("\n| stage | minutes |\n|---|---|")
     for stage, m in minutes.items():
-        print(f"{stage:7s} {m:7.1f}")
+        print(f"| {stage} | {m:.1f} |")
+    path = os.path.join(out_dir, method, "metrics.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        m = json.load(f)
+    rows = [("training reward (" + m["reward"] + ")", "reward_mean"),
+            ("held-out evaluator: target-class rate", "evaluator_target_rate"),
+            ("held-out evaluator: mean log p(target)", "evaluator_mean_logp_target"),
+            ("reward classifier: target-class rate", "classifier_target_rate"),
+            ("evaluator-feature Fréchet distance", "fd")]
+    print(f"\n{method}, DDIM-50 samples of the base model before and after ({m['after']['n_samples']} fixed noises):")
+    print("| metric | before | after |\n|---|---|---|")
+    for name, key in rows:
+        if key in m["after"]:
+            print(f"| {name} | {m['before'][key]:.3f} | {m['after'][key]:.3f} |")
+    print(f"| ms per fine-tuning step (median) | | {m['ms_per_step_median']:.0f} |")
 
 
 def run_sample(args):
     """Sample N images from a checkpoint and write them as uint8 (N, 32, 32, 3) under 'images' in a
     .npz, plus a PNG grid of the first 64 next to it."""
     opts = dict(config.SAMPLE_DEFAULTS)
-    opts.update(config.parse_overrides(args, config.SAMPLE_DEFAULTS))
+    given = config.parse_overrides(args, config.SAMPLE_DEFAULTS)
+    opts.update(given)
     if opts["n"] < 1:
         raise UserError(f"--n must be at least 1, got {opts['n']}")
-    if opts["sampler"] not in ("ddpm", "ddim"):
-        raise UserError(f"--sampler must be ddpm or ddim, got {opts['sampler']!r}")
+    if opts["sampler"] not in ("ddpm", "ddim", "shortcut"):
+        raise UserError(f"--sampler must be ddpm, ddim or shortcut, got {opts['sampler']!r}")
     if not opts["out"].endswith(".npz"):
         raise UserError(f"--out must name a .npz file, got {opts['out']!r}")
     device = pick_device(opts["device"])
     import ddpm
     from train_ddpm import load_ddpm
 
-    model, sched, _ = load_ddpm(opts["ckpt"], device)
+    if opts["sampler"] == "shortcut":  # a distilled few-step model: its steps are fixed by its k segments
+        from consistency import load_shortcut, shortcut_sample
+
+        model, sched, _, edges = load_shortcut(opts["ckpt"], device)
+        if "steps" in given and opts["steps"] != len(edges):
+            raise UserError(f"this shortcut checkpoint has k = {len(edges)} segments: leave --steps out or "
+                            f"pass --steps={len(edges)}, got --steps={opts['steps']}")
+    elif load_checkpoint(opts["ckpt"], ("ddpm", "shortft"))["kind"] == "shortft":  # fine-tuned: base + LoRA
+        from train_shortft import load_finetuned
+
+        model, sched = load_finetuned(opts["ckpt"], device)
+    else:
+        model, sched, _ = load_ddpm(opts["ckpt"], device)
     if opts["sampler"] == "ddim" and not 1 <= opts["steps"] <= sched.T:
         raise UserError(f"--steps must be in [1, {sched.T}], got {opts['steps']}")
     seed_all(opts["seed"])
@@ -65,6 +119,8 @@ def run_sample(args):
             x_T = torch.randn(min(opts["batch_size"], opts["n"] - i), 3, 32, 32, device=device)
             if opts["sampler"] == "ddpm":
                 x0 = ddpm.ddpm_sample(model, sched, x_T)
+            elif opts["sampler"] == "shortcut":
+                x0 = shortcut_sample(model, sched, x_T, edges)
             else:
                 x0 = ddpm.ddim_sample(model, sched, x_T, ddpm.ddim_timesteps(sched.T, opts["steps"]), opts["eta"])
             images.append(x0)
@@ -78,7 +134,14 @@ def run_sample(args):
     print(f"[sample] wrote {opts['out']} ({len(x0)} images) and {opts['out'][:-4]}.png")
 
 
-COMMANDS = {"train": run_pipeline, "sample": run_sample}
+def run_eval(args):
+    """Score a .npz of samples with the held-out evaluator: a table, then one line of JSON."""
+    import evaluate
+
+    evaluate.run_eval(args)
+
+
+COMMANDS = {"train": run_pipeline, "sample": run_sample, "eval": run_eval}
 
 
 def main(argv):

@@ -108,7 +108,7 @@ class UNet(nn.Module):
 
     def forward(self, x, t):
         """x: (B, C, H, W) noisy images x_t; t: (B,) integer timesteps in [0, T). Returns eps."""
-        temb = self.temb(timestep_embedding(t, self.ch))  # (B, 4ch)
+        temb = self.temb(timestep_embedding(t, self.ch).to(x.dtype))  # (B, 4ch)
         h = self.conv_in(x)  # (B, ch, H, W)
         hs = [h]
         for level, down in zip(self.down, self.downsample):

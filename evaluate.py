@@ -1,0 +1,233 @@
+"""Held-out evaluation of generated samples (`python train_toy.py eval --samples=FILE.npz`).
+
+Every number here comes from models that fine-tuning never saw as a reward:
+- the held-out evaluator's verdict (classifier.py, VGG): class histogram, target-class rate and
+  mean log p(target); next to it the reward classifier's own score, so a gap shows reward hacking;
+- sample quality: the Fréchet distance between Gaussians fitted to the evaluator's penultimate
+  features of the samples and of the real test split. It is an *evaluator-feature Fréchet
+  distance, not comparable to published FID* (those use Inception-v3 features and 50k samples); it
+  is reported with its floor, the same distance between real training images and the test split.
+- optionally Inception FID (`--inception=true`), if torchmetrics and the Inception weights are there.
+
+The real test features are computed once and cached in <out_dir>/evaluator/real_stats.npz.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+import config
+from common import UserError, load_checkpoint, pick_device
+from data import CLASSES, load_cifar10
+
+FD_NAME = "evaluator-feature Fréchet distance (not comparable to published FID)"
+N_FLOOR = 10000  # real training images in the floor (the test split has 10k too)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), the FID formula of Heusel et al.
+    2017 (closed form of Dowson & Landau 1982): ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^{1/2}).
+
+    Numerically careful (*choice*): Tr (sigma1 sigma2)^{1/2} = Tr (s1 sigma2 s1)^{1/2} with
+    s1 = sigma1^{1/2}, since both matrices have the same eigenvalues; the right-hand one is symmetric
+    PSD, so two eigh calls in float64 give it, with no complex round-off to clean up as with sqrtm.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    w, V = np.linalg.eigh((sigma1 + sigma1.T) / 2)  # (D,), (D, D)
+    s1 = (V * np.sqrt(np.clip(w, 0, None))) @ V.T  # (D, D) sigma1^{1/2}
+    M = s1 @ sigma2 @ s1  # (D, D) symmetric PSD
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((M + M.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
+
+
+def gaussian_stats(feats):
+    """Features (N, D) -> (mean (D,), covariance (D, D)) in float64."""
+    feats = np.asarray(feats, np.float64)
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+@torch.no_grad()  # evaluation only: no graph to keep
+def net_outputs(net, images_uint8, device, batch_size=500):
+    """uint8 images (N, 3, 32, 32) -> penultimate features (N, D) and log-probabilities (N, 10)."""
+    feats, logp = [], []
+    for i in range(0, len(images_uint8), batch_size):
+        x = images_uint8[i:i + batch_size].to(device).float() / 127.5 - 1  # (b, 3, 32, 32) in [-1, 1]
+        f = net.features(x)  # (b, D)
+        feats.append(f.float().cpu())
+        logp.append(torch.log_softmax(net.head(f).float(), 1).cpu())  # (b, 10)
+    return torch.cat(feats).numpy(), torch.cat(logp).numpy()
+
+
+def _evaluator(out_dir, device):
+    from classifier import load_classifier
+
+    path = os.path.join(out_dir, "evaluator", "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"no held-out evaluator at {path}: train it with "
+                        f"python train_toy.py --stages=classifier --out_dir={out_dir}")
+    return load_classifier(path, device, "evaluator"), load_checkpoint(path, "evaluator")["config"]
+
+
+def real_stats(out_dir, device):
+    """The real images' feature statistics, computed once: the test split's mean and covariance, the
+    features of N_FLOOR training images (for floors at any sample count) and the floor itself."""
+    path = os.path.join(out_dir, "evaluator", "real_stats.npz")
+    if os.path.isfile(path):
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    net, cfg = _evaluator(out_dir, device)
+    cache = os.path.join(out_dir, "cache")
+    x_test, _ = load_cifar10(cfg["data_root"], "test", cfg["n_test"], cache)  # (N, 3, 32, 32) uint8
+    x_train, _ = load_cifar10(cfg["data_root"], "train", cfg["n_train"], cache)
+    # a fixed random subset of the training images: every class, in random order
+    keep = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:N_FLOOR]
+    f_test, _ = net_outputs(net, x_test, device)  # (N_test, D)
+    f_train, _ = net_outputs(net, x_train[keep], device)  # (N_floor, D)
+    mu, sigma = gaussian_stats(f_test)
+    stats = dict(mu_test=mu, sigma_test=sigma, feats_train=f_train.astype(np.float32),
+                 n_test=np.array(len(x_test)), n_train=np.array(len(f_train)),
+                 fd_floor=np.array(frechet_distance(*gaussian_stats(f_train), mu, sigma)))
+    tmp = path[:-4] + ".tmp.npz"
+    np.savez(tmp, **stats)
+    os.replace(tmp, path)
+    return stats
+
+
+def check_samples(images):
+    """Samples must be uint8 (N, 32, 32, 3) with N >= 2 (what `train_toy.py sample` writes)."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise UserError(f"samples must be a uint8 array, got {getattr(images, 'dtype', type(images).__name__)}")
+    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.shape[0] < 2:
+        raise UserError(f"samples must have shape (N, 32, 32, 3) with N >= 2, got {images.shape}")
+
+
+def load_samples(path):
+    """The 'images' array of a .npz written by `train_toy.py sample`, checked."""
+    if not os.path.isfile(path):
+        raise UserError(f"samples file not found: {path!r} (pass --samples=FILE.npz)")
+    try:
+        with np.load(path) as f:
+            if "images" not in f.files:
+                raise UserError(f"{path} has no 'images' array (it has {', '.join(f.files) or 'nothing'})")
+            images = f["images"]
+    except (ValueError, OSError) as e:  # not a zip / npy file
+        raise UserError(f"could not read {path} as .npz ({type(e).__name__})") from None
+    check_samples(images)
+    return images
+
+
+def evaluate_samples(images, out_dir, device, target=None, reward=None, inception=False, inception_weights=""):
+    """Held-out metrics of uint8 samples (N, 32, 32, 3) -> a flat dict (see the module docstring).
+
+    target: a CIFAR-10 class name or index (adds the target-class rate and mean log-probabilities);
+    reward: a rewards.py spec (adds the mean of that reward over the samples).
+    """
+    from classifier import load_classifier
+    from rewards import build_reward, class_index
+
+    check_samples(images)
+    target = None if target in (None, "") else class_index(target)
+    device = torch.device(device)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
+    net, _ = _evaluator(out_dir, device)
+    stats = real_stats(out_dir, device)
+    feats, logp = net_outputs(net, x, device)  # (N, D), (N, 10)
+    fd = frechet_distance(*gaussian_stats(feats), stats["mu_test"], stats["sigma_test"])
+    # the floor at this sample count: the Fréchet distance is biased upwards at small N
+    n_floor = min(len(x), len(stats["feats_train"]))
+    floor_n = frechet_distance(*gaussian_stats(stats["feats_train"][:n_floor]), stats["mu_test"], stats["sigma_test"])
+    hist = np.bincount(logp.argmax(1), minlength=len(CLASSES)) / len(x)  # (10,)
+    m = {"n_samples": len(x), "fd_name": FD_NAME, "fd": fd, "fd_floor_same_n": floor_n, "fd_floor_n": n_floor,
+         "fd_floor_full": float(stats["fd_floor"]), "fd_floor_full_n": int(stats["n_train"]),
+         "n_test": int(stats["n_test"]),
+         "evaluator_class_hist": {c: float(h) for c, h in zip(CLASSES, hist)},
+         "evaluator_class_entropy": float(-(hist[hist > 0] * np.log(hist[hist > 0])).sum())}
+    if target is not None:
+        m["target"] = CLASSES[target]
+        m["evaluator_target_rate"] = float(hist[target])
+        m["evaluator_mean_logp_target"] = float(logp[:, target].mean())
+        clf_path = os.path.join(out_dir, "classifier", "ckpt.pt")
+        if os.path.isfile(clf_path):  # the reward classifier's own view, to compare with the evaluator's
+            _, logp_r = net_outputs(load_classifier(clf_path, device, "classifier"), x, device)
+            m["classifier_target_rate"] = float((logp_r.argmax(1) == target).mean())
+            m["classifier_mean_reward"] = float(logp_r[:, target].mean())  # the reward classifier:<target>
+    if reward:
+        r = build_reward(reward, out_dir, device)
+        with torch.no_grad():  # scoring only
+            vals = [r(x[i:i + 500].to(device).float() / 127.5 - 1).cpu() for i in range(0, len(x), 500)]
+        m["reward"], m["reward_mean"] = r.name, float(torch.cat(vals).mean())
+    if inception:
+        m["inception_fid"] = inception_fid(images, out_dir, device, inception_weights)
+    return m
+
+
+def inception_fid(images, out_dir, device, weights=""):
+    """Inception FID (Heusel et al. 2017) against the real test split, via torchmetrics (lazy import).
+    The Inception-v3 weights (pt_inception-2015-12-05) are downloaded by torch-fidelity unless a
+    local copy is given; machines without internet need --inception_weights=PATH."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError:
+        raise UserError("--inception=true needs torchmetrics with torch-fidelity: "
+                        "pip install 'torchmetrics[image]'") from None
+    try:
+        kw = {"feature_extractor_weights_path": weights} if weights else {}
+        fid = FrechetInceptionDistance(feature=2048, **kw).to(device)
+    except Exception as e:  # no network, no weights file, or an older torchmetrics
+        raise UserError(f"could not load the Inception-v3 weights ({type(e).__name__}): pass "
+                        f"--inception_weights=PATH to a local pt_inception-2015-12-05 file") from None
+    _, cfg = _evaluator(out_dir, "cpu")
+    real, _ = load_cifar10(cfg["data_root"], "test", cfg["n_test"], os.path.join(out_dir, "cache"))
+    fake = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
+    for imgs, is_real in ((real, True), (fake, False)):
+        for i in range(0, len(imgs), 200):
+            fid.update(imgs[i:i + 200].to(device), real=is_real)
+    return float(fid.compute())
+
+
+def format_table(m):
+    """The metrics as a readable table."""
+    lines = [f"samples: {m['n_samples']}   real test images: {m['n_test']}",
+             f"{m['fd_name']}:",
+             f"  samples vs test                         {m['fd']:10.3f}",
+             f"  floor: {m['fd_floor_n']:5d} real train vs test         {m['fd_floor_same_n']:10.3f}",
+             f"  floor: {m['fd_floor_full_n']:5d} real train vs test         {m['fd_floor_full']:10.3f}"]
+    if "inception_fid" in m:
+        lines.append(f"Inception FID                             {m['inception_fid']:10.3f}")
+    if "target" in m:
+        lines += [f"target class: {m['target']}",
+                  f"  held-out evaluator: target rate {m['evaluator_target_rate']:6.1%}   "
+                  f"mean log p(target) {m['evaluator_mean_logp_target']:8.3f}"]
+        if "classifier_target_rate" in m:
+            lines.append(f"  reward classifier:  target rate {m['classifier_target_rate']:6.1%}   "
+                         f"mean reward        {m['classifier_mean_reward']:8.3f}")
+    if "reward" in m:
+        lines.append(f"mean reward {m['reward']}: {m['reward_mean']:.4f}")
+    lines.append(f"held-out evaluator's class histogram (entropy {m['evaluator_class_entropy']:.3f}, "
+                 f"uniform = {np.log(len(CLASSES)):.3f}):")
+    lines += [f"  {c:10s} {h:6.1%} {'#' * round(h * 50)}" for c, h in m["evaluator_class_hist"].items()]
+    return "\n".join(lines)
+
+
+def run_eval(args):
+    """`python train_toy.py eval --samples=FILE.npz [--target=ship] [--reward=SPEC]`: a table, then
+    the metrics as one line of JSON (the last line of the output)."""
+    opts = dict(config.EVAL_DEFAULTS)
+    opts.update(config.parse_overrides(args, config.EVAL_DEFAULTS))
+    from rewards import class_index, parse_reward_spec
+
+    if opts["target"]:
+        class_index(opts["target"])  # check the cheap things first: a typo fails in a second
+    if opts["reward"]:
+        parse_reward_spec(opts["reward"])
+    if not opts["samples"]:
+        raise UserError("no samples given: pass --samples=FILE.npz (written by python train_toy.py sample)")
+    images = load_samples(opts["samples"])
+    device = pick_device(opts["device"])
+    m = evaluate_samples(images, opts["out_dir"], device, opts["target"] or None, opts["reward"] or None,
+                         opts["inception"], opts["inception_weights"])
+    print(format_table(m))
+    print(json.dumps(m))
+    return m

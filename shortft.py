@@ -1,0 +1,187 @@
+"""Stage 4: ShortFT, reward fine-tuning of the base DDPM through the shortcut chain (PAPER.md Sec. 2-3).
+
+The DDIM-50 chain 981, 961, ..., 1 is split into the shortcut's k segments; their last timesteps are
+the edges s_j (k = 4: 761, 501, 261, 1). One ShortFT sample, as in the diagram of PAPER.md Sec. 3:
+
+    x_T --(base DDIM steps 981..761, LoRA 1)--> x_741
+        --[shortcut 741->501]--> x_501 --(base step at 501, LoRA 1+2)--> x_481
+        --[shortcut 481->261]--> x_261 --(base step at 261, LoRA 1+2+3)--> x_241
+        --[shortcut 241->1  ]--> x_1   --(base step at 1, LoRA 1+2+3+4)--> x_0 --> r(x_0)
+
+- The shortcut (consistency.py) is frozen; the gradient passes through its input x_t.
+- The gradient reaches the base model's trainable LoRA through ~2k network calls instead of 50.
+- Timestep-aware LoRA (T-LoRA): k LoRAs, LoRA j stacked on LoRA j-1 (lora.py). *Choice*: at
+  inference every timestep of segment j (not only its last) runs with LoRAs 1..j on.
+- Progressive training (P-Training): k stages; in stage i (0-based here) LoRAs i..k-1 train,
+  segments 0..i run the real base chain, only segment i's last step carries gradient (truncated
+  backprop), and shortcuts stand in only after segment i. Stage 0 is the diagram above.
+- *Choice*: the trainable LoRA is not inside the shortcut network (PAPER.md leaves this open).
+Samples for evaluation always come from the fine-tuned base model's long chain (DDIM-50).
+"""
+import torch
+import torch.utils.checkpoint
+
+import ddpm
+from consistency import jump
+from common import UserError
+from lora import lora_params, set_active
+
+
+def segment_groups(timesteps, edges):
+    """Split a descending chain of timesteps into segments that each end at an edge:
+    981..1 with edges [761, 501, 261, 1] -> [[981..761], [741..501], [481..261], [241..1]]."""
+    if edges[-1] != timesteps[-1] or not set(edges) <= set(timesteps):
+        raise ValueError(f"edges {edges} must lie on the chain and end at its last timestep {timesteps[-1]}")
+    groups, cur = [], []
+    for t in timesteps:
+        cur.append(t)
+        if t in edges:
+            groups.append(cur)
+            cur = []
+    return groups
+
+
+class FineTuned:
+    """The base UNet (with LoRA layers) as an eps-predictor whose LoRA stack depends on the timestep:
+    at a timestep of segment j (0-based) the LoRAs 0..j are on (T-LoRA), or all of them when
+    T-LoRA is off (one LoRA for every timestep)."""
+
+    def __init__(self, unet, groups, tlora=True):
+        self.unet, self.groups, self.tlora = unet, groups, tlora
+
+    def __call__(self, x, t):
+        """eps_theta(x_t, t) with the LoRA stack of t's segment; t: (B,) with one value (a sampler's step)."""
+        if self.tlora:
+            set_active(self.unet, self.segment_of(int(t[0])) + 1)
+        return self.unet(x, t)
+
+    def segment_of(self, t):
+        """Segment j holds the timesteps from its edge s_j up to the edge above; below the last edge
+        (only t = 0, for the 1000-step sampler) counts as the last segment."""
+        return next((j for j, g in enumerate(self.groups) if t >= g[-1]), len(self.groups) - 1)
+
+
+def set_stage(ft, stage):
+    """P-Training: in stage i only LoRAs i..k-1 train. Without this, LoRA j < i would still get
+    gradient, since it stays on (stacked) in every later segment."""
+    if ft.tlora:
+        for j in range(len(ft.groups)):
+            for p in lora_params(ft.unet, j):
+                p.requires_grad_(j >= stage)
+
+
+def base_step(model, sched, x, t, s):
+    """One DDIM step of the (fine-tuned) base model from t to s (Song et al. 2021, Eq. 12, eta = 0)."""
+    t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
+    return ddpm.ddim_step(sched, x, model(x, t_vec), t, s)
+
+
+def next_t(groups, j, i):
+    """The timestep after step i of segment j in the chain (-1 = x_0 after the last)."""
+    if i + 1 < len(groups[j]):
+        return groups[j][i + 1]
+    return groups[j + 1][0] if j + 1 < len(groups) else -1
+
+
+def real_segment(model, sched, x, groups, j, grad_last):
+    """Segment j with real base-model DDIM steps; only the last step may carry gradient."""
+    g = groups[j]
+    with torch.no_grad():  # truncated backprop: the gradient is cut before the segment's last step
+        for i, t in enumerate(g[:-1]):
+            x = base_step(model, sched, x, t, next_t(groups, j, i))
+    if grad_last:
+        return base_step(model, sched, x, g[-1], next_t(groups, j, len(g) - 1))
+    with torch.no_grad():  # a segment before the stage's own: no gradient at all
+        return base_step(model, sched, x, g[-1], next_t(groups, j, len(g) - 1))
+
+
+def shortft_chain(model, student, sched, x_T, groups, stage=0):
+    """x_0 of one ShortFT sample (PAPER.md Sec. 3): real segments up to `stage`, then per segment a
+    shortcut jump to its edge and one base step at the edge. Differentiable into model's LoRA."""
+    if not 0 <= stage < len(groups):
+        raise UserError(f"progressive stage must be in [0, {len(groups)}), got {stage}")
+    x = x_T  # (B, C, H, W), at the chain's first timestep
+    for j in range(stage):
+        x = real_segment(model, sched, x, groups, j, grad_last=False)  # earlier segments: no gradient
+    x = real_segment(model, sched, x, groups, stage, grad_last=True)  # x at the first t of segment stage+1
+    for j in range(stage + 1, len(groups)):
+        g = groups[j]
+        x = jump(student, sched, x, g[0], g[-1])  # the shortcut g[0] -> s_j: frozen, gradient through x
+        x = base_step(model, sched, x, g[-1], next_t(groups, j, len(g) - 1))  # the base step at s_j
+    return x  # (B, C, H, W) x_0
+
+
+def merge_for_sampling(ft):
+    """The same eps-predictor with each segment's LoRA stack merged into plain UNet weights: one UNet
+    per segment (T-LoRA) or a single one, so inference costs what the base model costs."""
+    from lora import lora_layers, merged
+
+    if not lora_layers(ft.unet):  # full fine-tuning: nothing to merge
+        return ft.unet
+    if not ft.tlora:
+        return merged(ft.unet, 1)
+    unets = [merged(ft.unet, j + 1) for j in range(len(ft.groups))]
+    return lambda x, t: unets[ft.segment_of(int(t[0]))](x, t)
+
+
+# --- the baselines: the same long DDIM-50 chain, differing only in where the gradient is cut ---------
+
+def _step(model, sched, x, timesteps, i, grad=True, ckpt=False):
+    """Step i of a long chain; grad=False runs the UNet without a graph, ckpt recomputes it in backward."""
+    t, s = timesteps[i], (timesteps[i + 1] if i + 1 < len(timesteps) else -1)
+    t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
+    if not grad:
+        with torch.no_grad():  # a step the method gives no gradient
+            eps = model(x, t_vec)
+    elif ckpt:  # gradient checkpointing: keep only the inputs, recompute the UNet in backward
+        eps = torch.utils.checkpoint.checkpoint(model, x, t_vec, use_reentrant=False)
+    else:
+        eps = model(x, t_vec)
+    return ddpm.ddim_step(sched, x, eps, t, s)  # x stays in the graph whenever it was in it
+
+
+def draft_chain(model, sched, x_T, timesteps, K=1):
+    """DRaFT-K (Clark et al. 2024, Sec. 4): the chain under no_grad except its last K steps."""
+    if not 1 <= K <= len(timesteps):
+        raise UserError(f"DRaFT-K needs 1 <= K <= {len(timesteps)} (the chain), got K = {K}")
+    x = x_T
+    for i in range(len(timesteps)):
+        x = _step(model, sched, x, timesteps, i, grad=i >= len(timesteps) - K)
+    return x
+
+
+def draft_lv_chain(model, sched, x_T, timesteps, n=2):
+    """DRaFT-LV (Clark et al. 2024, Sec. 4): K = 1, the last step taken n times and the rewards averaged.
+    *Choice*: copy 1 is the chain's own x_1, copies 2..n re-noise the no-grad x_0 back to the last
+    timestep (q(x_t | x_0)), so n = 1 is exactly DRaFT-1. Returns the n copies stacked: (n B, C, H, W)."""
+    if n < 1:
+        raise UserError(f"DRaFT-LV needs n >= 1 copies, got {n}")
+    x = x_T
+    for i in range(len(timesteps) - 1):
+        x = _step(model, sched, x, timesteps, i, grad=False)
+    t_last = timesteps[-1]
+    copies = [x]
+    if n > 1:
+        with torch.no_grad():  # the re-noised copies start from the detached x_0 estimate
+            x0 = _step(model, sched, x, timesteps, len(timesteps) - 1, grad=False)
+        copies += [ddpm.q_sample(sched, x0, t_last, torch.randn_like(x0)) for _ in range(n - 1)]
+    return torch.cat([_step(model, sched, c, timesteps, len(timesteps) - 1) for c in copies])
+
+
+def alignprop_chain(model, sched, x_T, timesteps, cut):
+    """AlignProp (Prabhudesai et al. 2023): the noise prediction is detached before step `cut` (drawn
+    at random by the caller), x_t never is; every UNet call that keeps a graph is checkpointed."""
+    if not 0 <= cut < len(timesteps):
+        raise UserError(f"AlignProp's cut must be in [0, {len(timesteps)}), got {cut}")
+    x = x_T
+    for i in range(len(timesteps)):
+        x = _step(model, sched, x, timesteps, i, grad=i >= cut, ckpt=True)
+    return x
+
+
+def full_chain(model, sched, x_T, timesteps, checkpoint=False):
+    """Full backprop through every step (DRaFT with K = all, AlignProp without truncation)."""
+    x = x_T
+    for i in range(len(timesteps)):
+        x = _step(model, sched, x, timesteps, i, ckpt=checkpoint)
+    return x

@@ -1,0 +1,57 @@
+"""The whole pipeline (ddpm -> distill -> classifier -> shortft) end to end at toy size on real data."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import TINY, run_cli
+from test_cli import one_line_error
+
+SMALL = ["--n_test=500", "--distill_steps=10", "--classifier_steps=10", "--evaluator_steps=10", "--ft_steps=4",
+         "--ft_ckpt_every=2", "--n_eval=16", "--ft_batch=2", "--ddpm_steps=200"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_ddpm, cifar_root):
+    out = tmp_path_factory.mktemp("pipeline")
+    shutil.copytree(os.path.join(tiny_ddpm, "ddpm"), out / "ddpm")  # reuse the session's tiny DDPM
+    p = run_cli(f"--out_dir={out}", f"--data_root={cifar_root}", *TINY, *SMALL)
+    return out, p.stdout
+
+
+def test_pipeline_runs_every_stage_and_prints_results(pipeline):
+    out, stdout = pipeline
+    for f in ("distill/ckpt.pt", "classifier/ckpt.pt", "evaluator/ckpt.pt", "shortft/ckpt.pt", "shortft/lora.pt",
+              "shortft/before_after.png", "shortft/metrics.json", "shortft/log.csv"):
+        assert (out / f).is_file(), f
+    m = json.loads((out / "shortft" / "metrics.json").read_text())
+    for key in ("evaluator_target_rate", "fd", "reward_mean"):
+        assert key in m["before"] and key in m["after"]
+    assert m["after"]["n_samples"] == 16 and m["steps"] == 4
+    assert "| held-out evaluator: target-class rate |" in stdout and "| shortft |" in stdout
+
+
+def test_sample_from_finetuned_checkpoint(pipeline, tmp_path):
+    out, _ = pipeline
+    run_cli("sample", f"--ckpt={out}/shortft/ckpt.pt", "--n=3", f"--out={tmp_path}/ft.npz", "--device=cpu")
+    images = np.load(tmp_path / "ft.npz")["images"]
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(pipeline, tmp_path, cifar_root):
+    out, _ = pipeline
+    for stage in ("ddpm", "distill", "classifier", "evaluator"):
+        shutil.copytree(out / stage, tmp_path / stage)
+    p = run_cli(f"--out_dir={tmp_path}", f"--data_root={cifar_root}", *TINY, *SMALL, "--stages=shortft",
+                "--reward_scale=nan", check=False)
+    assert "loss nan" in one_line_error(p)
+    assert not (tmp_path / "shortft" / "ckpt.pt").exists()  # no checkpoint of a broken model
+
+
+def test_missing_shortcut_is_a_clear_error(tmp_path, tiny_ddpm, cifar_root):
+    shutil.copytree(os.path.join(tiny_ddpm, "ddpm"), tmp_path / "ddpm")
+    p = run_cli(f"--out_dir={tmp_path}", f"--data_root={cifar_root}", *TINY, "--ddpm_steps=200", "--stages=shortft",
+                check=False)
+    assert "--stages=distill" in one_line_error(p)

@@ -1,0 +1,224 @@
+"""Stage 4: fine-tune the base DDPM against a reward through the shortcut chain (shortft.py).
+
+Reads <out_dir>/ddpm/ckpt.pt (the base), <out_dir>/distill/ckpt.pt (the frozen shortcut) and the
+reward's classifier. With --method=draft|draft_lv|alignprop|full the same loop runs a baseline's
+long chain instead (shortft.py), writing under <out_dir>/<method>/. Writes <out_dir>/shortft/: ckpt.pt (kind "shortft": {unet, opt, step, config,
+rng, before, history, ...}), lora.pt (the LoRA weights alone), before_after.png (DDIM-50 samples of
+the base model, then of the fine-tuned one, from the same noise), reward.png (reward vs step),
+log.csv and metrics.json (held-out evaluator and Fréchet distance before/after).
+"""
+import json
+import math
+import os
+import re
+import resource
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import ddpm
+import lora
+from common import UserError, load_checkpoint, rng_state, save_atomic, save_grid, set_rng_state, to_uint8
+from shortft import (FineTuned, alignprop_chain, draft_chain, draft_lv_chain, full_chain, merge_for_sampling,
+                     segment_groups, set_stage, shortft_chain)
+from train_ddpm import load_ddpm
+
+N_CHAIN = 50  # fine-tune through DDIM-50; evaluate on DDIM-50 of the fine-tuned base model
+
+
+def build_finetuned(cfg, base_path, shortcut_edges, device):
+    """The base UNet (EMA weights) with LoRA (or fully trainable), wrapped as a FineTuned eps-predictor."""
+    unet, sched, _ = load_ddpm(base_path, device)
+    groups = segment_groups(ddpm.ddim_timesteps(sched.T, N_CHAIN), list(shortcut_edges))
+    if cfg["full_ft"]:
+        unet.requires_grad_(True)
+    else:
+        tlora = cfg["tlora"] and cfg["method"] == "shortft"  # the baselines train one plain LoRA
+        lora.add_lora(unet, cfg["lora_rank"], cfg["lora_alpha"], len(groups) if tlora else 1,
+                      cfg["lora_targets"])
+        unet.to(device)
+    return FineTuned(unet, groups, tlora=cfg["tlora"] and not cfg["full_ft"] and cfg["method"] == "shortft"), sched
+
+
+def load_finetuned(path, device):
+    """(eps-predictor with merged weights, schedule) from a shortft checkpoint, for `sample`."""
+    ckpt = load_checkpoint(path, "shortft")
+    ft, sched = build_finetuned(ckpt["config"], ckpt["base"], ckpt["edges"], device)
+    ft.unet.load_state_dict(ckpt["unet"])
+    return merge_for_sampling(ft), sched
+
+
+@torch.no_grad()  # evaluation samples: no graph
+def ddim50(model, sched, x_T, batch=256):
+    return torch.cat([ddpm.ddim_sample(model, sched, x_T[i:i + batch], ddpm.ddim_timesteps(sched.T, N_CHAIN))
+                      for i in range(0, len(x_T), batch)])  # (N, 3, 32, 32)
+
+
+def evaluate(model, sched, x_T, cfg, device):
+    """Held-out metrics of the DDIM-50 samples of `model` from the fixed noise x_T (evaluate.py)."""
+    from evaluate import evaluate_samples
+
+    x0 = ddim50(model, sched, x_T)
+    target = re.search(r"classifier:(\w+)", cfg["reward"])
+    m = evaluate_samples(to_uint8(x0), cfg["out_dir"], device, target=target.group(1) if target else None,
+                         reward=cfg["reward"])
+    return m, x0
+
+
+METHODS = ("shortft", "draft", "draft_lv", "alignprop", "full")
+
+
+def method_chain(cfg, ft, student, sched, x_T, stage):
+    """x_0 of the method's training chain: ShortFT's short chain, or a baseline's long DDIM-50 chain."""
+    method, steps = cfg["method"], ddpm.ddim_timesteps(sched.T, N_CHAIN)
+    if method == "shortft":
+        return shortft_chain(ft, student, sched, x_T, ft.groups, stage)
+    if method == "draft":
+        return draft_chain(ft, sched, x_T, steps, cfg["draft_k"])
+    if method == "draft_lv":
+        return draft_lv_chain(ft, sched, x_T, steps, cfg["lv_n"])
+    if method == "alignprop":  # AlignProp's random truncation: the cut drawn anew every step
+        cut = int(torch.randint(cfg["alignprop_min"], cfg["alignprop_max"] + 1, ()))
+        return alignprop_chain(ft, sched, x_T, steps, cut)
+    return full_chain(ft, sched, x_T, steps, cfg["full_checkpoint"])
+
+
+def check_method(cfg):
+    if cfg["method"] not in METHODS:
+        raise UserError(f"--method must be one of {', '.join(METHODS)}; got {cfg['method']!r}")
+    if not 1 <= cfg["draft_k"] <= N_CHAIN:
+        raise UserError(f"--draft_k must be in [1, {N_CHAIN}] (the DDIM-{N_CHAIN} chain), got {cfg['draft_k']}")
+    if cfg["lv_n"] < 1:
+        raise UserError(f"--lv_n must be at least 1, got {cfg['lv_n']}")
+    if not 0 <= cfg["alignprop_min"] <= cfg["alignprop_max"] < N_CHAIN:
+        raise UserError(f"need 0 <= --alignprop_min <= --alignprop_max < {N_CHAIN}")
+
+
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS (Linux: KiB)
+
+
+def train(cfg, device):
+    from consistency import load_shortcut
+    from rewards import build_reward
+
+    out = os.path.join(cfg["out_dir"], cfg["method"])  # out/shortft, or out/draft, ... for a baseline
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    base_path = os.path.join(cfg["out_dir"], "ddpm", "ckpt.pt")
+    shortcut_path = os.path.join(cfg["out_dir"], "distill", "ckpt.pt")
+    check_method(cfg)
+    for path, stage in ((base_path, "ddpm"), (shortcut_path, "distill")):
+        if not os.path.isfile(path):
+            raise UserError(f"ShortFT needs {path}: run the {stage} stage first (--stages={stage})")
+    ckpt = load_checkpoint(ckpt_path, "shortft") if os.path.exists(ckpt_path) else None
+    if ckpt and ckpt["step"] >= ckpt["config"]["ft_steps"]:
+        print(f"[shortft] {ckpt_path} is complete ({ckpt['step']} steps): skipping the stage")
+        return ckpt_path
+    if ckpt and not cfg["resume"]:
+        raise UserError(f"{ckpt_path} holds an unfinished run (step {ckpt['step']}): "
+                        f"pass --resume to continue it, or choose another --out_dir")
+    if ckpt:
+        cfg.update({k: v for k, v in ckpt["config"].items() if k not in ("resume", "device")})
+
+    student, _, _, edges = load_shortcut(shortcut_path, device)
+    reward = build_reward(cfg["reward"], cfg["out_dir"], device)
+    ft, sched = build_finetuned(cfg, base_path, edges, device)
+    k = len(ft.groups)
+    params = [p for p in ft.unet.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg["ft_lr"])
+    g = torch.Generator().manual_seed(4321)  # the fixed evaluation noise: same before and after
+    x_eval = torch.randn(cfg["n_eval"], 3, 32, 32, generator=g).to(device)  # (n_eval, 3, 32, 32)
+    step, history = 0, []
+    if ckpt:
+        ft.unet.load_state_dict(ckpt["unet"])
+        opt.load_state_dict(ckpt["opt"])
+        set_rng_state(ckpt["rng"])
+        step, history, before = ckpt["step"], ckpt["history"], ckpt["before"]
+        print(f"[shortft] resuming {ckpt_path} from step {step}")
+    else:
+        print(f"[shortft] evaluating the base model: DDIM-50 samples of {cfg['n_eval']} fixed noises")
+        before, _ = evaluate(ft, sched, x_eval, cfg, device)  # the LoRA starts at zero: this is the base
+    ft.unet.eval()  # no dropout while fine-tuning: the chain must be a deterministic function of x_T
+    n_train = sum(p.numel() for p in params)
+    what = "full fine-tuning" if cfg["full_ft"] else f"LoRA rank {cfg['lora_rank']}"
+    print(f"[shortft] {cfg['reward']}: {k} segments {[gr[-1] for gr in ft.groups]}, {what} "
+          f"({n_train / 1e6:.3f}M trainable), T-LoRA {ft.tlora}, progressive {cfg['progressive']}")
+
+    def save():
+        state = dict(kind="shortft", unet=ft.unet.state_dict(), opt=opt.state_dict(), step=step,
+                     config=dict(cfg), rng=rng_state(), before=before, history=history, base=base_path,
+                     edges=list(edges))
+        save_atomic(state, ckpt_path)
+        if not cfg["full_ft"]:
+            save_atomic(dict(kind="lora", lora=lora.lora_state(ft.unet), config=dict(cfg), base=base_path,
+                             edges=list(edges)), os.path.join(out, "lora.pt"))
+
+    os.makedirs(out, exist_ok=True)
+    bar = tqdm(total=cfg["ft_steps"], initial=step, desc="shortft", dynamic_ncols=True, mininterval=1.0)
+    while step < cfg["ft_steps"]:
+        t0 = time.time()
+        # P-Training: the budget is split into k equal stages; without it, always stage 0 (the diagram)
+        stage = min(k - 1, step * k // cfg["ft_steps"]) if cfg["progressive"] and cfg["method"] == "shortft" else 0
+        set_stage(ft, stage)  # in stage i only LoRAs i..k-1 train
+        x_T = torch.randn(cfg["ft_batch"], 3, 32, 32, device=device)  # (B, 3, 32, 32)
+        x0 = method_chain(cfg, ft, student, sched, x_T, stage)  # (B, 3, 32, 32), DRaFT-LV: (n B, ...)
+        r = reward(x0)  # (B,) higher is better
+        loss = -cfg["reward_scale"] * r.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg["ft_grad_clip"]))
+        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
+            raise UserError(f"[shortft] loss {loss.item()} / grad norm {grad_norm} at step {step + 1}: "
+                            f"stopped; the last good checkpoint is kept at {ckpt_path}")
+        opt.step()
+        step += 1
+        ms = (time.time() - t0) * 1000
+        history.append(dict(step=step, stage=stage, reward=r.mean().item(), grad_norm=grad_norm, ms=ms))
+        bar.update(1)
+        bar.set_postfix(reward=f"{r.mean().item():.3f}", grad=f"{grad_norm:.2f}", ms=f"{ms:.0f}", stage=stage)
+        if step % cfg["ft_ckpt_every"] == 0 or step == cfg["ft_steps"]:
+            save()
+    bar.close()
+
+    after, x_after = evaluate(merge_for_sampling(ft), sched, x_eval, cfg, device)
+    x_before = ddim50(load_ddpm(base_path, device)[0], sched, x_eval[:32])
+    save_grid(torch.cat([x_before, x_after[:32]]), os.path.join(out, "before_after.png"))
+    with open(os.path.join(out, "log.csv"), "w") as f:
+        f.write("step,stage,reward,grad_norm,ms\n")
+        f.writelines(f"{h['step']},{h['stage']},{h['reward']:.5f},{h['grad_norm']:.4f},{h['ms']:.1f}\n"
+                     for h in history)
+    ms = np.median([h["ms"] for h in history])
+    metrics = dict(method=cfg["method"], reward=cfg["reward"], steps=step, ms_per_step_median=float(ms),
+                   peak_memory_mib=peak_memory_mib(device), device=str(device), before=before, after=after)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    plot_rewards(history, os.path.join(out, "reward.png"))
+    print(f"[shortft] done: {step} steps, median {ms:.0f} ms/step; metrics in {out}/metrics.json")
+    return ckpt_path
+
+
+def plot_rewards(history, path):
+    """Training reward (and its running mean) against the step, as a PNG (matplotlib, if installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[shortft] matplotlib is not installed: no reward plot (pip install matplotlib)")
+        return
+    r = np.array([h["reward"] for h in history])
+    w = max(1, len(r) // 20)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(r, alpha=0.35, label="batch reward")
+    ax.plot(np.arange(w - 1, len(r)), np.convolve(r, np.ones(w) / w, "valid"), label=f"mean of {w}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

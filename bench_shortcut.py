@@ -29,7 +29,7 @@ import torch
 import config
 import ddpm
 from common import UserError, ema_update, pick_device
-from consistency import N_CHAIN, cd_loss, edge_of, jump, load_shortcut, shortcut_sample
+from consistency import N_CHAIN, TeacherChains, cd_loss, edge_of, jump, load_shortcut, shortcut_sample
 from train_ddpm import load_ddpm
 
 BENCH_DEFAULTS = dict(out_dir="out", n=256, seed=0, device="auto", speed_steps=10)
@@ -52,8 +52,9 @@ def trajectory_errors(teacher, student, sched, x_T, edges):
         for a, b in spans:
             student_mse = mse(jump(student, sched, traj[a], a, b), traj[b])
             naive_mse = mse(jump(teacher, sched, traj[a], a, b), traj[b])  # one teacher DDIM step a -> b
+            ratio = student_mse / naive_mse if naive_mse else None  # None: one DDIM step, naive = teacher
             rows.append(dict(kind=kind, span=f"{a}->{b}", ddim_steps=(a - max(b, 1)) // 20 + (b < 0),
-                             student=student_mse, naive=naive_mse, ratio=student_mse / naive_mse if naive_mse else None))
+                             student=student_mse, naive=naive_mse, ratio=ratio))
     chained = []  # the whole few-step samplers from x_T, compared at every edge and at x_0
     x_student, x_naive, t = x_T, x_T, grid[0]
     for s in edges + [-1]:
@@ -67,19 +68,21 @@ def trajectory_errors(teacher, student, sched, x_T, edges):
 def distill_speed(teacher, student, sched, edges, cfg, device, steps):
     """img/s of one distillation step, as consistency.train runs it (fp32, no compile)."""
     student = copy.deepcopy(student).train().requires_grad_(True)
-    ema = copy.deepcopy(student).eval().requires_grad_(False)
+    target, ema = copy.deepcopy(student).requires_grad_(False), copy.deepcopy(student).requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=cfg["distill_lr"])
-    B = cfg["distill_batch"]
-    x0 = torch.rand(B, 3, 32, 32, device=device) * 2 - 1  # (B, 3, 32, 32) random "images" in [-1, 1]
+    B, m = cfg["distill_batch"], round(cfg["teacher_chain_frac"] * cfg["distill_batch"])
+    chains = TeacherChains(teacher, sched, m, device) if m > 0 else None
+    x0 = torch.rand(B - m, 3, 32, 32, device=device) * 2 - 1  # (B - m, 3, 32, 32) random "images" in [-1, 1]
     for i in range(steps + 1):
         if i == 1:  # the first step is a warm-up (allocations, kernel choice)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.time()
-        loss = cd_loss(student, ema, teacher, sched, x0, edges, cfg["cd_loss"], cfg["teacher_solver"])
+        loss = cd_loss(student, target, teacher, sched, x0, edges, cfg["cd_loss"], cfg["teacher_solver"], chains)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        ema_update(target, student, cfg["cd_target_ema"])
         ema_update(ema, student, cfg["distill_ema"])
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -90,19 +93,21 @@ def main(args):
     opts = dict(BENCH_DEFAULTS)
     opts.update(config.parse_overrides(args, BENCH_DEFAULTS))
     device = pick_device(opts["device"])
-    teacher, sched, _ = load_ddpm(os.path.join(opts["out_dir"], "ddpm", "ckpt.pt"), device)
-    student, _, cfg, edges = load_shortcut(os.path.join(opts["out_dir"], "distill", "ckpt.pt"), device)
+    teacher, _, _ = load_ddpm(os.path.join(opts["out_dir"], "ddpm", "ckpt.pt"), device)
+    # the student's schedule: x0-clipping on or off as during its distillation (ddpm.py, --clip_x0)
+    student, sched, cfg, edges = load_shortcut(os.path.join(opts["out_dir"], "distill", "ckpt.pt"), device)
     teacher.requires_grad_(False)
     g = torch.Generator().manual_seed(opts["seed"])
     x_T = torch.randn(opts["n"], 3, 32, 32, generator=g).to(device)  # (n, 3, 32, 32)
     rows, chained = trajectory_errors(teacher, student, sched, x_T, edges)
 
     print(f"teacher {opts['out_dir']}/ddpm/ckpt.pt, student {opts['out_dir']}/distill/ckpt.pt "
-          f"(k={len(edges)}, edges {edges}); {opts['n']} samples, seed {opts['seed']}, {device}")
+          f"(k={len(edges)}, edges {edges}); {opts['n']} samples, seed {opts['seed']}, {device}, "
+          f"clip_x0={sched.clip_x0}")
     print("\none jump from the teacher's DDIM-50 point at the span's start; MSE to its DDIM-50 point at the end")
     print(f"{'':8s} {'span':>9s} {'DDIM steps':>10s} {'student':>10s} {'naive':>10s} {'ratio':>7s}")
     for r in rows:
-        ratio = "    n/a  (one DDIM step: the naive jump is the teacher itself)" if r["ratio"] is None else f"{r['ratio']:7.3f}"
+        ratio = f"{r['ratio']:7.3f}" if r["ratio"] else "    n/a  (one DDIM step: the naive jump is the teacher itself)"
         print(f"{r['kind']:8s} {r['span']:>9s} {r['ddim_steps']:>10d} {r['student']:10.2e} {r['naive']:10.2e} {ratio}")
     print("\nchained from x_T (shortcut sampler vs the teacher's DDIM over the same timesteps); MSE to DDIM-50")
     print(f"{'at t':>5s} {'student':>10s} {'naive':>10s} {'ratio':>7s}")

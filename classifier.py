@@ -262,4 +262,4 @@ def train(cfg, device):
         train_net(kind, cfg, device)
     stats = evaluate.real_stats(cfg["out_dir"], device)
     print(f"[evaluator] real floor: {evaluate.FD_NAME} between {stats['n_train']} train and "
-          f"{stats['n_test']} test images = {stats['fd_floor']:.3f}")
+          f"{stats['n_test']} test images = {stats['fd_floor']:.4g}")

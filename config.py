@@ -25,6 +25,7 @@ DEFAULTS = dict(
     T=1000,
     beta_1=1e-4,
     beta_T=0.02,
+    clip_x0=True,  # samplers clip the predicted x_0 to [-1, 1] (ddpm.py's docstring says why)
     # --- the UNet (CPU: 0.7M parameters) ---
     ch=16,
     ch_mult="1,2,4",
@@ -56,13 +57,16 @@ DEFAULTS = dict(
     k_segments=4,  # segments of the DDIM-50 chain; edges at their last timesteps (k=4: 761, 501, 261, 1)
     distill_steps=300,
     distill_batch=64,
-    distill_lr=2e-4,
-    distill_ema=0.95,  # decay mu of the target network (Song et al. 2023: 0.95 for CD on CIFAR-10)
-    cd_loss="l2",  # l2 | huber (pseudo-Huber, Song & Dhariwal 2023)
+    distill_lr=1e-3,
+    cd_loss="huber",  # huber (pseudo-Huber, Song & Dhariwal 2023) | l2 (Song et al. 2023)
+    cd_target_ema=0.0,  # mu of the target network: 0 = stop-grad student (Song & Dhariwal 2023); Song et al. 2023: 0.95
+    distill_ema=0.99,  # EMA of the student: the weights sampled, and used as the shortcut by ShortFT
     teacher_solver="ddim",  # ddim | heun: the teacher's ODE step t_{n+1} -> t_n
+    teacher_chain_frac=0.5,  # part of each batch on the teacher's own DDIM-50 chains, not q(x_t|x_0) of real data
     # --- ShortFT reward fine-tuning (shortft.py, train_shortft.py) ---
     reward="classifier:ship",  # rewards.py spec: brightness, brightness:0.8, classifier:<class>, 0.7*a+0.3*b
     ft_steps=120,
+    ft_seconds=0.0,  # > 0: a wall-clock budget of training seconds instead of ft_steps (equal compute)
     ft_batch=8,
     ft_lr=2e-3,
     ft_grad_clip=1.0,
@@ -89,6 +93,7 @@ PRESETS = {
     "gpu": dict(ch=128, ch_mult="1,2,2,2", num_res_blocks=2, attn_res="16", dropout=0.1,
                 ddpm_steps=40000, batch_size=128, lr=2e-4, warmup=1000, ema_decay=0.9999,
                 log_every=100, sample_every=5000, ckpt_every=2000,
+                distill_steps=10000, distill_batch=128, distill_lr=1e-4, distill_ema=0.999,
                 classifier_width=64, evaluator_width=64, classifier_steps=2500, evaluator_steps=2500,
                 cls_batch_size=512, cls_lr=0.4, cls_ckpt_every=500,
                 ft_steps=1500, ft_batch=32, lora_rank=16, lora_alpha=16.0, n_eval=2000, ft_ckpt_every=250),
@@ -96,7 +101,7 @@ PRESETS = {
 
 # keys of the `sample` command (python train_toy.py sample --ckpt=... --n=...)
 SAMPLE_DEFAULTS = dict(ckpt="", n=64, sampler="ddim", steps=50, eta=0.0, out="samples.npz",
-                       seed=0, device="auto", batch_size=256)
+                       seed=0, device="auto", batch_size=256, clip_x0=True)
 
 # keys of the `eval` command (python train_toy.py eval --samples=FILE.npz --target=ship); evaluate.py
 EVAL_DEFAULTS = dict(samples="", target="", reward="", out_dir="out", device="auto", inception=False,

@@ -15,12 +15,20 @@ the same thing at toy scale from our own DDPM teacher:
   initialised from, and jumps with the DDIM formula from t to the edge (`jump`). At t = edge the
   jump is the identity, so the boundary condition S(x_s, s -> s) = x_s holds exactly.
 - Training (Song et al. 2023, "Consistency Models", Algorithm 2, with the segment edge as the
-  boundary): one teacher ODE step t_{n+1} -> t_n on the DDIM-50 grid, then the EMA student from
-  t_n to the edge is the target for the student from t_{n+1} to the same edge.
+  boundary): one teacher ODE step t_{n+1} -> t_n on the DDIM-50 grid, then the target network from
+  t_n to the edge is the target for the student from t_{n+1} to the same edge. Defaults follow the
+  improved recipe (Song & Dhariwal 2023): pseudo-Huber distance, target = the stop-gradient student
+  (mu = 0; Song et al. 2023 use an EMA, mu = 0.95: --cd_target_ema). A slower EMA of the student is
+  kept for sampling and for ShortFT (Song et al. 2023 keep one too).
+- Where x_{t_{n+1}} comes from (*choice*, TeacherChains): half of each batch from q(x_t | x_0) on
+  real data as in Alg. 2, half from the teacher's own DDIM-50 chains, where ShortFT will use it.
+- x0-clipping: the teacher's chain, the teacher steps and the jumps all go through ddpm.ddim_step,
+  so they clip x0_hat exactly when the schedule does (--clip_x0, ddpm.py); the student learns the
+  trajectory of the sampler the teacher is used with.
 
-Writes <out_dir>/distill/ckpt.pt = {kind: "shortcut", model, ema, opt, step, config, rng, edges,
-teacher, elapsed}, <out_dir>/distill/samples_{step}.png (top half: teacher DDIM-50; bottom half:
-the (k+1)-call shortcut sampler, same noise) and <out_dir>/distill/log.csv (step, loss, img/s).
+Writes <out_dir>/distill/ckpt.pt = {kind: "shortcut", model, ema, target, opt, step, config, rng,
+edges, teacher, elapsed}, <out_dir>/distill/samples_{step}.png (top half: teacher DDIM-50; bottom
+half: the (k+1)-call shortcut sampler, same noise) and <out_dir>/distill/log.csv (step, loss, img/s).
 """
 import contextlib
 import copy
@@ -70,7 +78,7 @@ def _vec(t, x):
 def jump(student, sched, x_t, t, s):
     """The shortcut S(x_t, t -> s): one DDIM jump (Song et al. 2021, Eq. 12, eta = 0) with the
     student's eps, from t down to s (per sample); the exact identity where t == s (the boundary
-    condition of Song et al. 2023, Eq. 3). Differentiable w.r.t. x_t; a frozen student
+    condition of Song et al. 2023, Sec. 3). Differentiable w.r.t. x_t; a frozen student
     (requires_grad_(False)) gets no gradient. t, s: int or (B,) long tensors, s = -1 means x_0."""
     t, s = _vec(t, x_t), _vec(s, x_t)  # (B,), (B,)
     x_s = ddpm.ddim_step(sched, x_t, student(x_t, t), t, s)  # (B, C, H, W)
@@ -92,26 +100,56 @@ def teacher_step(teacher, sched, x_t, t, s, solver="ddim"):
     return torch.where((s < 0).view(-1, 1, 1, 1), x_euler, x_heun)
 
 
-def cd_loss(student, ema, teacher, sched, x0, edges, loss="l2", solver="ddim"):
-    """The consistency distillation loss (Song et al. 2023, Algorithm 2 and Eq. 7), with the segment
+class TeacherChains:
+    """*Choice*, not in Song et al. 2023 (who draw x_{t_{n+1}} from q(x_t | x_0) on real data): m states
+    walking down the teacher's own DDIM-50 chains from fresh noise, one grid step per training step, so
+    the student also learns on the states it meets inside the chain: a small, briefly trained teacher's
+    chains can leave the data manifold, where real noisy images never go. The chains' next step is the
+    teacher step of the CD loss: they cost no extra network call."""
+
+    def __init__(self, teacher, sched, m, device):
+        self.grid = torch.tensor(ddpm.ddim_timesteps(sched.T, N_CHAIN) + [-1], device=device)  # (51,)
+        self.n = torch.arange(m, device=device) * N_CHAIN // m  # (m,) grid positions, evenly staggered
+        self.x = torch.randn(m, 3, 32, 32, device=device)  # (m, 3, 32, 32) x_T, taken as x at grid[0]
+        with torch.no_grad():  # the teacher only walks its chains: no gradients
+            for j in range(N_CHAIN - 1):  # bring chain i down to its position n_i
+                t, s = self.grid[j].expand(m), self.grid[j + 1].expand(m)  # (m,), (m,)
+                x_s = ddpm.ddim_step(sched, self.x, teacher(self.x, t), t, s)  # (m, 3, 32, 32)
+                self.x = torch.where((self.n > j).view(-1, 1, 1, 1), x_s, self.x)
+
+    def advance(self, x_n):
+        """Step every chain down to x_n (the CD loss's teacher step); those that reached x_0 restart."""
+        self.n = self.n + 1  # (m,)
+        done = self.n == N_CHAIN  # (m,)
+        self.x = torch.where(done.view(-1, 1, 1, 1), torch.randn_like(x_n), x_n)  # (m, 3, 32, 32)
+        self.n = torch.where(done, torch.zeros_like(self.n), self.n)
+
+
+def cd_loss(student, target, teacher, sched, x0, edges, loss="l2", solver="ddim", chains=None):
+    """The consistency distillation loss (Song et al. 2023, Algorithm 2), with the segment
     edge as the boundary (Hyper-SD / PCM): d(S_phi(x_{t_{n+1}}, t_{n+1} -> e), S_{phi^-}(x_{t_n}, t_n -> e)),
-    e = edge_of(t_{n+1}), x_{t_n} = one teacher ODE step from x_{t_{n+1}} ~ q(x_t | x_0).
-    d: mean squared error (l2) or pseudo-Huber (Song & Dhariwal 2023, Sec. 3.3)."""
+    e = edge_of(t_{n+1}), x_{t_n} = one teacher ODE step from x_{t_{n+1}} ~ q(x_t | x_0), n uniform.
+    With chains (TeacherChains), their m states are appended to the batch of real ones.
+    d: mean squared error (l2) or pseudo-Huber (Song & Dhariwal 2023, improved consistency training)."""
     grid = torch.tensor(ddpm.ddim_timesteps(sched.T, N_CHAIN) + [-1], device=x0.device)  # (51,) 981..1, -1
     n = torch.randint(0, N_CHAIN, (x0.shape[0],), device=x0.device)  # (B,) uniform over the grid
-    t_next, t_n = grid[n], grid[n + 1]  # (B,) t_{n+1} and the grid point below it, t_n
-    e = edge_of(t_next, edges)  # (B,) the edge both jumps land on
-    x_next = ddpm.q_sample(sched, x0, t_next, torch.randn_like(x0))  # (B, C, H, W) x_{t_{n+1}}
+    x_next = ddpm.q_sample(sched, x0, grid[n], torch.randn_like(x0))  # (B, C, H, W) x_{t_{n+1}}
+    if chains is not None:
+        n, x_next = torch.cat([n, chains.n]), torch.cat([x_next, chains.x])  # (B + m,), (B + m, C, H, W)
+    t_next, t_n = grid[n], grid[n + 1]  # (B',) t_{n+1} and the grid point below it, t_n (B' = B + m)
+    e = edge_of(t_next, edges)  # (B',) the edge both jumps land on
     with torch.no_grad():  # the teacher is fixed: its step is data for the student, not a path for gradients
-        x_n = teacher_step(teacher, sched, x_next, t_next, t_n, solver)  # (B, C, H, W) x^phi_{t_n}
-    with torch.no_grad():  # stop-gradient target of CD: the EMA student (theta^- in Song et al. 2023)
-        target = jump(ema, sched, x_n, t_n, e)  # (B, C, H, W); = x_{t_n} itself where t_n == e
-    pred = jump(student, sched, x_next, t_next, e)  # (B, C, H, W)
+        x_n = teacher_step(teacher, sched, x_next, t_next, t_n, solver)  # (B', C, H, W) x^phi_{t_n}
+    if chains is not None:
+        chains.advance(x_n[x0.shape[0]:])
+    with torch.no_grad():  # stop-gradient target of CD: the target network (theta^- in Song et al. 2023)
+        x_target = jump(target, sched, x_n, t_n, e)  # (B', C, H, W); = x_{t_n} itself where t_n == e
+    pred = jump(student, sched, x_next, t_next, e)  # (B', C, H, W)
     if loss == "l2":
-        return (pred - target).pow(2).mean()
+        return (pred - x_target).pow(2).mean()
     if loss == "huber":  # sqrt(||x - y||^2 + c^2) - c with c = 0.00054 sqrt(d) (Song & Dhariwal 2023)
         c = 0.00054 * math.sqrt(pred[0].numel())
-        return ((pred - target).pow(2).flatten(1).sum(1) + c**2).sqrt().sub(c).mean()
+        return ((pred - x_target).pow(2).flatten(1).sum(1) + c**2).sqrt().sub(c).mean()
     raise UserError(f"--cd_loss must be l2 or huber, got {loss!r}")
 
 
@@ -129,7 +167,8 @@ def shortcut_sample(student, sched, x_T, edges):
 
 def load_shortcut(path, device, use_ema=True):
     """(student, schedule, config, edges) from a shortcut checkpoint: frozen and in eval mode, ready to
-    be used as the shortcut inside a fine-tuning chain. The EMA weights unless use_ema=False."""
+    be used as the shortcut inside a fine-tuning chain. The EMA weights unless use_ema=False. The
+    schedule clips x0_hat (or not) as during distillation: jump with it to stay on that trajectory."""
     ckpt = load_checkpoint(path, "shortcut")
     cfg = ckpt["config"]
     student = build_unet(cfg)
@@ -137,7 +176,7 @@ def load_shortcut(path, device, use_ema=True):
         student.load_state_dict(ckpt["ema" if use_ema else "model"])
     except RuntimeError:
         raise UserError(f"{path}: weights do not match the UNet its config describes") from None
-    sched = ddpm.Schedule(cfg["T"], cfg["beta_1"], cfg["beta_T"], device)
+    sched = ddpm.Schedule(cfg["T"], cfg["beta_1"], cfg["beta_T"], device, cfg.get("clip_x0", True))
     return student.to(device).eval().requires_grad_(False), sched, cfg, list(ckpt["edges"])
 
 
@@ -161,6 +200,8 @@ def train(cfg, device):
     for key, allowed in (("cd_loss", ("l2", "huber")), ("teacher_solver", ("ddim", "heun"))):
         if cfg[key] not in allowed:
             raise UserError(f"--{key} must be {' or '.join(allowed)}, got {cfg[key]!r}")
+    if not 0 <= cfg["teacher_chain_frac"] <= 1:
+        raise UserError(f"--teacher_chain_frac must be in [0, 1], got {cfg['teacher_chain_frac']}")
     cfg.update({k: teacher_cfg[k] for k in MODEL_KEYS})  # the student is the teacher's UNet
 
     student = copy.deepcopy(teacher).requires_grad_(True)  # initialised from the teacher (Song et al. 2023)
@@ -180,9 +221,12 @@ def train(cfg, device):
         student.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         step, elapsed = ckpt["step"], ckpt["elapsed"]
-        print(f"[distill] resuming {ckpt_path} from step {step}")
-    ema = copy.deepcopy(student).eval().requires_grad_(False)  # the target network phi^-
+        print(f"[distill] resuming {ckpt_path} from step {step} (with fresh teacher chains)")
+    sched.clip_x0 = cfg["clip_x0"]  # teacher steps and jumps clip x0_hat as this run says (ddpm.py)
+    target = copy.deepcopy(student).eval().requires_grad_(False)  # the target network phi^- of CD
+    ema = copy.deepcopy(student).eval().requires_grad_(False)  # a slower average, the weights we sample
     if step > 0:
+        target.load_state_dict(ckpt["target"])
         ema.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"])
 
@@ -193,6 +237,8 @@ def train(cfg, device):
     g = torch.Generator().manual_seed(1234)  # fixed noise for the grids, the same after a resume
     x_T = torch.randn(16, 3, 32, 32, generator=g).to(device)  # (16, 3, 32, 32)
 
+    m = round(cfg["teacher_chain_frac"] * cfg["distill_batch"])  # batch rows on the teacher's own chains
+    chains = TeacherChains(teacher, sched, m, device) if m > 0 else None
     net = torch.compile(student) if cfg["compile"] and device.type == "cuda" else student
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg["bf16"] and device.type == "cuda"
                 else contextlib.nullcontext())
@@ -205,24 +251,25 @@ def train(cfg, device):
         sample_grid(teacher, ema, sched, x_T, edges, os.path.join(out, "samples_0.png"))
 
     def save():
-        save_atomic(dict(kind="shortcut", model=student.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                         step=step, config=dict(cfg), rng=rng_state(), edges=edges, teacher=teacher_path,
-                         elapsed=elapsed), ckpt_path)
+        save_atomic(dict(kind="shortcut", model=student.state_dict(), ema=ema.state_dict(),
+                         target=target.state_dict(), opt=opt.state_dict(), step=step, config=dict(cfg),
+                         rng=rng_state(), edges=edges, teacher=teacher_path, elapsed=elapsed), ckpt_path)
 
     student.train()
     bar = tqdm(total=cfg["distill_steps"], initial=step, desc="distill", dynamic_ncols=True, mininterval=1.0)
     t_last, loss_sum, n_sum = time.time(), 0.0, 0
     while step < cfg["distill_steps"]:
         t0 = time.time()
-        x0, _ = data.sample(cfg["distill_batch"])  # (B, 3, 32, 32) in [-1, 1]
+        x0, _ = data.sample(cfg["distill_batch"] - m)  # (B - m, 3, 32, 32) in [-1, 1]
         with autocast:
-            loss = cd_loss(net, ema, teacher, sched, x0, edges, cfg["cd_loss"], cfg["teacher_solver"])
+            loss = cd_loss(net, target, teacher, sched, x0, edges, cfg["cd_loss"], cfg["teacher_solver"], chains)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg["grad_clip"])
         opt.step()
         step += 1
-        ema_update(ema, student, cfg["distill_ema"])  # phi^- <- mu phi^- + (1 - mu) phi (Alg. 2)
+        ema_update(target, student, cfg["cd_target_ema"])  # phi^- <- mu phi^- + (1 - mu) phi (Alg. 2)
+        ema_update(ema, student, min(cfg["distill_ema"], (1 + step) / (10 + step)))  # with warmup, as the DDPM's
         loss_val = loss.item()
         if not math.isfinite(loss_val):
             raise UserError(f"[distill] loss became {loss_val} at step {step}; the last good checkpoint "

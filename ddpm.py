@@ -6,7 +6,12 @@ Conventions, stated once here and pinned by tests/test_ddpm.py:
   so alpha_bar[t] is \\bar{\\alpha}_{t+1} and x_t means "x after t+1 noising steps";
 - the network predicts the noise: eps_theta(x_t, t) -> (B, C, H, W);
 - nothing here calls no_grad: every function is differentiable, because the fine-tuning stages
-  backpropagate through the samplers.
+  backpropagate through the samplers;
+- x0-clipping (*choice*, on by default in the project's config, `--clip_x0`): with
+  Schedule(clip_x0=True) the DDIM and DDPM steps clip the predicted x_0 to [-1, 1] and re-derive eps
+  from it, as Ho et al.'s reference sampler (clip_denoised) and diffusers (clip_sample) do. A small,
+  briefly trained model's eps error at large t is amplified by 1/sqrt(abar_t) (~140 at t = 981) in
+  x0_hat; without the clip its deterministic DDIM samples drift far outside [-1, 1].
 """
 import torch
 
@@ -14,8 +19,8 @@ import torch
 class Schedule:
     """Linear beta schedule (Ho et al. 2020, Sec. 4: T = 1000, beta from 1e-4 to 0.02)."""
 
-    def __init__(self, T=1000, beta_1=1e-4, beta_T=0.02, device="cpu"):
-        self.T = T
+    def __init__(self, T=1000, beta_1=1e-4, beta_T=0.02, device="cpu", clip_x0=False):
+        self.T, self.clip_x0 = T, clip_x0
         beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)  # (T,) beta_t
         alpha = 1.0 - beta  # (T,) alpha_t = 1 - beta_t
         alpha_bar = torch.cumprod(alpha, 0)  # (T,) \bar{alpha}_t = prod_{s<=t} alpha_s
@@ -68,6 +73,9 @@ def ddim_step(sched, x_t, eps, t, s, eta=0.0, noise=None):
     eta = 1 with s = t - 1 is DDPM's ancestral step. s = -1 lands on x_0. t, s: int or (B,)."""
     abar_t, abar_s = _bcast(sched.abar(t), x_t), _bcast(sched.abar(s), x_t)  # (B, 1, 1, 1)
     x0_hat = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()  # (B, C, H, W)
+    if sched.clip_x0:  # see the module docstring: x0_hat into [-1, 1], eps consistent with it
+        x0_hat = x0_hat.clamp(-1, 1)
+        eps = (x_t - abar_t.sqrt() * x0_hat) / (1 - abar_t).sqrt()
     sigma = eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).clamp(min=0).sqrt()
     x_s = abar_s.sqrt() * x0_hat + (1 - abar_s - sigma**2).clamp(min=0).sqrt() * eps
     if eta > 0:
@@ -81,6 +89,9 @@ def ddpm_step(sched, x_t, eps, t, noise=None):
     with sigma_t^2 = \\tilde{beta}_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t (Eq. 7), no noise at t = 0."""
     alpha_t, beta_t = sched.alpha[t], sched.beta[t]
     abar_t, abar_prev = sched.abar(t), sched.abar(t - 1)
+    if sched.clip_x0:  # the same x0-clipping as in ddim_step: the posterior mean of the clipped x0_hat
+        x0_hat = ((x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()).clamp(-1, 1)
+        eps = (x_t - abar_t.sqrt() * x0_hat) / (1 - abar_t).sqrt()
     mean = (x_t - beta_t / (1 - abar_t).sqrt() * eps) / alpha_t.sqrt()
     if t == 0:
         return mean

@@ -191,9 +191,9 @@ def format_table(m):
     """The metrics as a readable table."""
     lines = [f"samples: {m['n_samples']}   real test images: {m['n_test']}",
              f"{m['fd_name']}:",
-             f"  samples vs test                         {m['fd']:10.3f}",
-             f"  floor: {m['fd_floor_n']:5d} real train vs test         {m['fd_floor_same_n']:10.3f}",
-             f"  floor: {m['fd_floor_full_n']:5d} real train vs test         {m['fd_floor_full']:10.3f}"]
+             f"  samples vs test                         {m['fd']:10.4g}",
+             f"  floor: {m['fd_floor_n']:5d} real train vs test         {m['fd_floor_same_n']:10.4g}",
+             f"  floor: {m['fd_floor_full_n']:5d} real train vs test         {m['fd_floor_full']:10.4g}"]
     if "inception_fid" in m:
         lines.append(f"Inception FID                             {m['inception_fid']:10.3f}")
     if "target" in m:

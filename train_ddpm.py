@@ -31,7 +31,7 @@ def load_ddpm(path, device, use_ema=True):
         model.load_state_dict(ckpt["ema" if use_ema else "model"])
     except RuntimeError:
         raise UserError(f"{path}: weights do not match the UNet its config describes") from None
-    sched = ddpm.Schedule(cfg["T"], cfg["beta_1"], cfg["beta_T"], device)
+    sched = ddpm.Schedule(cfg["T"], cfg["beta_1"], cfg["beta_T"], device, cfg.get("clip_x0", True))
     return model.to(device).eval(), sched, cfg
 
 
@@ -67,7 +67,7 @@ def train(cfg, device):
     if step > 0:
         ema.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"])
-    sched = ddpm.Schedule(cfg["T"], cfg["beta_1"], cfg["beta_T"], device)
+    sched = ddpm.Schedule(cfg["T"], cfg["beta_1"], cfg["beta_T"], device, cfg.get("clip_x0", True))
 
     x, y = load_cifar10(cfg["data_root"], "train", cfg["n_train"], os.path.join(cfg["out_dir"], "cache"))
     data = DeviceBatches(x, y, device)

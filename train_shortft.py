@@ -7,6 +7,7 @@ rng, before, history, ...}), lora.pt (the LoRA weights alone), before_after.png 
 the base model, then of the fine-tuned one, from the same noise), reward.png (reward vs step),
 log.csv and metrics.json (held-out evaluator and Fréchet distance before/after).
 """
+import hashlib
 import json
 import math
 import os
@@ -115,7 +116,7 @@ def train(cfg, device):
         if not os.path.isfile(path):
             raise UserError(f"ShortFT needs {path}: run the {stage} stage first (--stages={stage})")
     ckpt = load_checkpoint(ckpt_path, "shortft") if os.path.exists(ckpt_path) else None
-    if ckpt and ckpt["step"] >= ckpt["config"]["ft_steps"]:
+    if ckpt and ckpt["done"]:
         print(f"[shortft] {ckpt_path} is complete ({ckpt['step']} steps): skipping the stage")
         return ckpt_path
     if ckpt and not cfg["resume"]:
@@ -132,16 +133,25 @@ def train(cfg, device):
     opt = torch.optim.Adam(params, lr=cfg["ft_lr"])
     g = torch.Generator().manual_seed(4321)  # the fixed evaluation noise: same before and after
     x_eval = torch.randn(cfg["n_eval"], 3, 32, 32, generator=g).to(device)  # (n_eval, 3, 32, 32)
-    step, history = 0, []
+    step, history, train_s, done = 0, [], 0.0, False
     if ckpt:
         ft.unet.load_state_dict(ckpt["unet"])
         opt.load_state_dict(ckpt["opt"])
         set_rng_state(ckpt["rng"])
-        step, history, before = ckpt["step"], ckpt["history"], ckpt["before"]
+        step, history, before, train_s = ckpt["step"], ckpt["history"], ckpt["before"], ckpt["train_s"]
         print(f"[shortft] resuming {ckpt_path} from step {step}")
-    else:
-        print(f"[shortft] evaluating the base model: DDIM-50 samples of {cfg['n_eval']} fixed noises")
-        before, _ = evaluate(ft, sched, x_eval, cfg, device)  # the LoRA starts at zero: this is the base
+    else:  # the base model's scores: the same for every method and seed, so kept beside the base checkpoint
+        stamp = [cfg["reward"], cfg["n_eval"], os.path.getmtime(base_path),  # valid while these stay the same
+                 os.path.getmtime(os.path.join(cfg["out_dir"], "evaluator", "ckpt.pt"))]
+        cache = os.path.join(os.path.dirname(base_path), "before_" + hashlib.sha1(str(stamp).encode()).hexdigest()[:10] + ".json")
+        if os.path.isfile(cache):
+            with open(cache) as f:
+                before = json.load(f)
+        else:
+            print(f"[shortft] evaluating the base model: DDIM-50 samples of {cfg['n_eval']} fixed noises")
+            before, _ = evaluate(ft, sched, x_eval, cfg, device)  # the LoRA starts at zero: this is the base
+            with open(cache, "w") as f:
+                json.dump(before, f)
     ft.unet.eval()  # no dropout while fine-tuning: the chain must be a deterministic function of x_T
     n_train = sum(p.numel() for p in params)
     what = "full fine-tuning" if cfg["full_ft"] else f"LoRA rank {cfg['lora_rank']}"
@@ -149,20 +159,23 @@ def train(cfg, device):
           f"({n_train / 1e6:.3f}M trainable), T-LoRA {ft.tlora}, progressive {cfg['progressive']}")
 
     def save():
-        state = dict(kind="shortft", unet=ft.unet.state_dict(), opt=opt.state_dict(), step=step,
-                     config=dict(cfg), rng=rng_state(), before=before, history=history, base=base_path,
-                     edges=list(edges))
+        state = dict(kind="shortft", unet=ft.unet.state_dict(), opt=opt.state_dict(), step=step, done=done,
+                     train_s=train_s, config=dict(cfg), rng=rng_state(), before=before, history=history,
+                     base=base_path, edges=list(edges))
         save_atomic(state, ckpt_path)
         if not cfg["full_ft"]:
             save_atomic(dict(kind="lora", lora=lora.lora_state(ft.unet), config=dict(cfg), base=base_path,
                              edges=list(edges)), os.path.join(out, "lora.pt"))
 
     os.makedirs(out, exist_ok=True)
-    bar = tqdm(total=cfg["ft_steps"], initial=step, desc="shortft", dynamic_ncols=True, mininterval=1.0)
-    while step < cfg["ft_steps"]:
+    # the budget: ft_steps steps, or ft_seconds of training time when that is set (equal compute)
+    budget = (lambda: train_s / cfg["ft_seconds"]) if cfg["ft_seconds"] > 0 else (lambda: step / cfg["ft_steps"])
+    bar = tqdm(total=cfg["ft_steps"] if cfg["ft_seconds"] <= 0 else None, initial=step, desc=cfg["method"],
+               dynamic_ncols=True, mininterval=1.0)
+    while budget() < 1:
         t0 = time.time()
         # P-Training: the budget is split into k equal stages; without it, always stage 0 (the diagram)
-        stage = min(k - 1, step * k // cfg["ft_steps"]) if cfg["progressive"] and cfg["method"] == "shortft" else 0
+        stage = min(k - 1, int(budget() * k)) if cfg["progressive"] and cfg["method"] == "shortft" else 0
         set_stage(ft, stage)  # in stage i only LoRAs i..k-1 train
         x_T = torch.randn(cfg["ft_batch"], 3, 32, 32, device=device)  # (B, 3, 32, 32)
         x0 = method_chain(cfg, ft, student, sched, x_T, stage)  # (B, 3, 32, 32), DRaFT-LV: (n B, ...)
@@ -177,12 +190,15 @@ def train(cfg, device):
         opt.step()
         step += 1
         ms = (time.time() - t0) * 1000
+        train_s += ms / 1000
         history.append(dict(step=step, stage=stage, reward=r.mean().item(), grad_norm=grad_norm, ms=ms))
         bar.update(1)
         bar.set_postfix(reward=f"{r.mean().item():.3f}", grad=f"{grad_norm:.2f}", ms=f"{ms:.0f}", stage=stage)
-        if step % cfg["ft_ckpt_every"] == 0 or step == cfg["ft_steps"]:
+        if step % cfg["ft_ckpt_every"] == 0:
             save()
     bar.close()
+    done = True
+    save()
 
     after, x_after = evaluate(merge_for_sampling(ft), sched, x_eval, cfg, device)
     x_before = ddim50(load_ddpm(base_path, device)[0], sched, x_eval[:32])

@@ -112,6 +112,7 @@ def run_sample(args):
         model, sched, _ = load_ddpm(opts["ckpt"], device)
     if opts["sampler"] == "ddim" and not 1 <= opts["steps"] <= sched.T:
         raise UserError(f"--steps must be in [1, {sched.T}], got {opts['steps']}")
+    sched.clip_x0 = opts["clip_x0"]  # x0-clipping in the sampler (ddpm.py); --clip_x0=false to see without
     seed_all(opts["seed"])
     images = []
     with torch.no_grad():  # sampling only: no graph to keep

@@ -86,15 +86,19 @@ def test_jump_with_teacher_weights_is_one_ddim_step():
     student = copy.deepcopy(teacher)  # the student starts as the teacher, as in consistency.train
     edges = C.segment_edges(1000, 50, 50)  # segments of one DDIM step each
     x = torch.randn(2, 3, 8, 8)
-    for t in (981, 501, 21, 1):
-        s = C.edge_of(t, edges)
-        assert s == (t - 20 if t > 1 else -1)
-        eps = teacher(x, torch.full((2,), t)).double()
-        a_t, a_s = alpha_bar_f64(t), alpha_bar_f64(s)
-        x0_hat = (x.double() - (1 - a_t) ** 0.5 * eps) / a_t**0.5  # Song et al. 2021, Eq. 12
-        want = a_s**0.5 * x0_hat + (1 - a_s) ** 0.5 * eps
-        got = C.jump(student, SCHED, x, t, s)
-        assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-4), (t, (got.double() - want).abs().max())
+    for clip in (False, True):  # with x0-clipping (ddpm.py): x0_hat into [-1, 1], eps re-derived from it
+        for t in (981, 501, 21, 1):
+            s = C.edge_of(t, edges)
+            assert s == (t - 20 if t > 1 else -1)
+            eps = teacher(x, torch.full((2,), t)).double()
+            a_t, a_s = alpha_bar_f64(t), alpha_bar_f64(s)
+            x0_hat = (x.double() - (1 - a_t) ** 0.5 * eps) / a_t**0.5  # Song et al. 2021, Eq. 12
+            if clip:
+                x0_hat = x0_hat.clamp(-1, 1)
+                eps = (x.double() - a_t**0.5 * x0_hat) / (1 - a_t) ** 0.5
+            want = a_s**0.5 * x0_hat + (1 - a_s) ** 0.5 * eps
+            got = C.jump(student, ddpm.Schedule(clip_x0=clip), x, t, s)
+            assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-4), (t, (got.double() - want).abs().max())
 
 
 class ConvEps(torch.nn.Module):
@@ -152,6 +156,28 @@ def test_cd_loss_is_zero_for_an_exactly_consistent_teacher():
     C.cd_loss(student, ema, teacher, SCHED, torch.rand(8, 3, 8, 8) * 2 - 1, E4, "huber", "heun").backward()
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is None for p in [*ema.parameters(), *teacher.parameters()])
+
+
+def test_teacher_chains_walk_the_teachers_ddim50_trajectories():
+    """Each chain's state is the teacher's DDIM-50 point (DDIM steps run separately here) at its position;
+    a chain that reaches x_0 restarts from noise at 981."""
+    teacher, m = tiny_unet(6), 5
+    torch.manual_seed(7)
+    chains = C.TeacherChains(teacher, SCHED, m, torch.device("cpu"))
+    torch.manual_seed(7)
+    x_T = torch.randn(m, 3, 32, 32)
+    grid = ddpm.ddim_timesteps(1000, 50)
+    assert chains.n.tolist() == [0, 10, 20, 30, 40]
+    x = x_T  # the teacher's DDIM-50 trajectories, step by step
+    with torch.no_grad():
+        for j, t in enumerate(grid[:41]):
+            for i in range(m):
+                if chains.n[i] == j:
+                    assert torch.allclose(chains.x[i], x[i], atol=1e-5), (i, j)
+            x = ddpm.ddim_step(SCHED, x, teacher(x, torch.full((m,), t)), t, grid[j + 1])
+    chains.n[-1] = 49
+    chains.advance(torch.zeros(m, 3, 32, 32))
+    assert chains.n.tolist() == [1, 11, 21, 31, 0] and chains.x[-1].abs().sum() > 0 and chains.x[0].abs().sum() == 0
 
 
 def test_shortcut_sample_visits_the_edges_with_k_plus_1_calls():

@@ -125,3 +125,16 @@ def test_ddim_sampler_gradient_matches_finite_differences():
     h = 1e-6
     fd = (f(torch.tensor(0.3 + h, dtype=torch.float64)) - f(torch.tensor(0.3 - h, dtype=torch.float64))) / (2 * h)
     assert abs(theta.grad.item() - fd.item()) < 1e-5 * max(1.0, abs(fd.item()))
+
+
+def test_x0_clipping_keeps_the_prediction_in_range():
+    """With Schedule(clip_x0=True) the last DDIM step returns the clipped x0_hat, and the DDPM step's
+    mean is the posterior mean (Ho et al. Eq. 7) of the clipped x0_hat."""
+    sched, clipped = ddpm.Schedule(), ddpm.Schedule(clip_x0=True)
+    x_t, eps = 3 * torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    x0_hat = ddpm.predict_x0(sched, x_t, 300, eps)
+    assert (x0_hat.abs() > 1).any()  # the unclipped prediction leaves the data range ...
+    assert torch.allclose(ddpm.ddim_step(clipped, x_t, eps, 300, -1), x0_hat.clamp(-1, 1), atol=1e-5)  # ... clipped
+    assert torch.allclose(ddpm.ddim_step(sched, x_t, eps, 300, -1), x0_hat, atol=1e-5)
+    mean, _ = _posterior(sched, x_t.double(), x0_hat.clamp(-1, 1).double(), 300)
+    assert torch.allclose(ddpm.ddpm_step(clipped, x_t, eps, 300, noise=torch.zeros_like(x_t)).double(), mean, atol=1e-4)

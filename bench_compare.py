@@ -1,0 +1,218 @@
+"""ShortFT against the baselines at equal wall-clock compute, plus ablations and gradient norms.
+
+    python bench_compare.py                 # every method, 2 seeds, 60 s of training each (CPU: ~25 min)
+    python bench_compare.py --quick         # a smoke run: 1 seed, 8 s each, 32 evaluation samples
+    python bench_compare.py --seconds=600 --n_eval=2000 --seeds=0,1,2   # on a GPU
+
+Needs the trained stages in --out_dir (ddpm, distill, classifier/evaluator: `python train_toy.py`).
+Every run fine-tunes the same base model with the same reward for the same training seconds
+(`--ft_seconds`), in its own folder <out_dir>/compare/seed<S>/<method>, and is scored on DDIM-50
+samples of its fine-tuned model from the same fixed noise. Writes <out_dir>/compare/results.md
+and reward_vs_time.png.
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+import config
+from common import UserError, pick_device
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULTS = dict(out_dir="out", seconds=60.0, seeds="0,1", n_eval=256, quick=False, device="auto",
+                methods="shortft,draft,draft_lv,alignprop,full,full_ckpt,shortft_no_tlora,shortft_no_ptrain",
+                grad_norms=True, child_mem="")
+# name -> the train_toy.py overrides that make it
+RUNS = {"shortft": [], "draft": ["--method=draft"], "draft_lv": ["--method=draft_lv"],
+        "alignprop": ["--method=alignprop"], "full": ["--method=full"],
+        "full_ckpt": ["--method=full", "--full_checkpoint"],
+        "shortft_no_tlora": ["--tlora=false"], "shortft_no_ptrain": ["--progressive=false"]}
+
+
+def method_of(name):
+    return next((a.split("=")[1] for a in RUNS[name] if a.startswith("--method=")), "shortft")
+
+
+def step_memory(name, out_dir, device):
+    """Peak memory of one training step (child process): CUDA max allocated, or the rise of the CPU
+    process's peak RSS over its level after loading everything."""
+    import train_shortft
+    from consistency import load_shortcut
+    from rewards import build_reward
+
+    cfg = config.resolve([f"--out_dir={out_dir}", *RUNS[name]], torch.cuda.is_available())
+    student, _, _, edges = load_shortcut(os.path.join(out_dir, "distill", "ckpt.pt"), device)
+    reward = build_reward(cfg["reward"], out_dir, device)
+    ft, sched = train_shortft.build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
+    ft.unet.eval()
+    x_T = torch.randn(cfg["ft_batch"], 3, 32, 32, device=device)
+    reward(train_shortft.method_chain(cfg, ft, student, sched, x_T, 0)).mean().backward()  # warm-up
+    ft.unet.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    reward(train_shortft.method_chain(cfg, ft, student, sched, x_T, 0)).mean().backward()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return (peak - base) / 2**20
+
+
+def grad_norm_vs_chain(out_dir, device, n=8):
+    """|d reward / d LoRA| at the start of fine-tuning: full backprop through DDIM-10/20/50 vs ShortFT."""
+    import ddpm
+    import train_shortft
+    from consistency import load_shortcut
+    from rewards import build_reward
+    from shortft import full_chain, shortft_chain
+
+    cfg = config.resolve([f"--out_dir={out_dir}", "--lora_rank=4"], torch.cuda.is_available())
+    student, _, _, edges = load_shortcut(os.path.join(out_dir, "distill", "ckpt.pt"), device)
+    reward = build_reward(cfg["reward"], out_dir, device)
+    cfg["method"] = "full"  # one plain LoRA, so every chain differentiates the same parameters
+    ft, sched = train_shortft.build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
+    ft.unet.eval()
+    for p in ft.unet.parameters():  # a small random B so that d/dB is not a degenerate zero-LoRA case
+        if p.requires_grad and p.dim() >= 2 and p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=1e-3)
+    params = [p for p in ft.unet.parameters() if p.requires_grad]
+    x_T = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    rows = []
+    chains = [(f"full backprop, DDIM-{s}", lambda s=s: full_chain(ft, sched, x_T, ddpm.ddim_timesteps(sched.T, s)))
+              for s in (10, 20, 50)]
+    chains.append(("ShortFT chain (stage 0)", lambda: shortft_chain(ft, student, sched, x_T, ft.groups, 0)))
+    for name, chain in chains:
+        ft.unet.zero_grad(set_to_none=True)
+        reward(chain()).mean().backward()
+        rows.append((name, float(torch.cat([p.grad.flatten() for p in params]).norm())))
+    return rows
+
+
+@torch.no_grad()  # a measurement of the forward chain only
+def chain_fidelity(out_dir, device, n=64):
+    """How close the ShortFT chain's x_0 is to the real DDIM-50 x_0 of the untuned base model from the
+    same x_T (mean squared error per pixel), next to the same chain with the teacher's own one-jump
+    DDIM in place of the shortcut, and to the distance between samples of different noise."""
+    import ddpm
+    import train_shortft
+    from consistency import load_shortcut
+    from shortft import shortft_chain
+
+    cfg = config.resolve([f"--out_dir={out_dir}"], torch.cuda.is_available())
+    student, _, _, edges = load_shortcut(os.path.join(out_dir, "distill", "ckpt.pt"), device)
+    ft, sched = train_shortft.build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
+    x_T = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    real = ddpm.ddim_sample(ft, sched, x_T, ddpm.ddim_timesteps(sched.T, 50))  # (n, 3, 32, 32)
+    mse = lambda a: float((a - real).pow(2).mean())
+    return [("ShortFT chain (distilled shortcut)", mse(shortft_chain(ft, student, sched, x_T, ft.groups))),
+            ("same chain, naive jump (the base model's one DDIM step)", mse(shortft_chain(ft, ft.unet, sched, x_T, ft.groups))),
+            ("DDIM-50 samples of other noise (scale)", mse(real.roll(1, 0)))]
+
+
+def run(name, seed, opts, device):
+    base = os.path.abspath(opts["out_dir"])
+    out = os.path.join(base, "compare", f"seed{seed}")
+    os.makedirs(out, exist_ok=True)
+    for stage in ("ddpm", "distill", "classifier", "evaluator"):  # the shared, already trained stages
+        if not os.path.exists(os.path.join(base, stage, "ckpt.pt")):
+            raise UserError(f"{base}/{stage}/ckpt.pt is missing: run `python train_toy.py` first")
+        if not os.path.exists(os.path.join(out, stage)):
+            os.symlink(os.path.join(base, stage), os.path.join(out, stage))
+    run_dir = os.path.join(out, name)
+    args = [f"--out_dir={out}", "--stages=shortft", f"--seed={seed}", f"--ft_seconds={opts['seconds']}",
+            f"--n_eval={opts['n_eval']}", f"--device={device.type}", "--ft_ckpt_every=1000000", *RUNS[name]]
+    metrics = os.path.join(out, method_of(name), "metrics.json")
+    if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+        print(f"[compare] {name}, seed {seed}: {opts['seconds']:.0f} s of training", flush=True)
+        if os.path.isdir(os.path.join(out, method_of(name))):  # a killed run of the same method: start over
+            for f in os.listdir(os.path.join(out, method_of(name))):
+                os.remove(os.path.join(out, method_of(name), f))
+        subprocess.run([sys.executable, os.path.join(HERE, "train_toy.py"), *args], check=True, cwd=HERE,
+                       stdout=subprocess.DEVNULL)
+        os.replace(os.path.join(out, method_of(name)), run_dir)  # the method's folder, named by the run
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        m = json.load(f)
+    with open(os.path.join(run_dir, "log.csv")) as f:
+        rows = np.loadtxt(f, delimiter=",", skiprows=1, ndmin=2)  # step, stage, reward, grad_norm, ms
+    return m, rows
+
+
+def main(argv):
+    opts = dict(DEFAULTS, **config.parse_overrides(argv, DEFAULTS))
+    device = pick_device(opts["device"])
+    if opts["child_mem"]:
+        print(json.dumps(step_memory(opts["child_mem"], opts["out_dir"], device)))
+        return
+    if opts["quick"]:
+        opts.update(seconds=8.0, seeds="0", n_eval=32)
+    names = opts["methods"].split(",")
+    bad = [n for n in names if n not in RUNS]
+    if bad:
+        raise UserError(f"unknown method {bad[0]!r}: choose from {', '.join(RUNS)}")
+    seeds = [int(s) for s in opts["seeds"].split(",")]
+    results = {n: [run(n, s, opts, device) for s in seeds] for n in names}
+    lines = [f"Equal compute: {opts['seconds']:.0f} s of fine-tuning per run on {device}, seeds {seeds}, "
+             f"scored on {opts['n_eval']} DDIM-50 samples (medians over seeds).", "",
+             "| method | steps | ms/step | step peak MiB | grad norm (median) | held-out target rate before → after "
+             "| gain | reward after | Fréchet dist. before → after |", "|---|---|---|---|---|---|---|---|---|"]
+    for n, runs in results.items():
+        med = lambda f: float(np.median([f(m, r) for m, r in runs]))
+        p = subprocess.run([sys.executable, __file__, f"--child_mem={n}", f"--out_dir={opts['out_dir']}",
+                            f"--device={device.type}"], capture_output=True, text=True, cwd=HERE)
+        mem = float(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else float("nan")
+        b, a = runs[0][0]["before"], lambda m: m["after"]
+        lines.append(f"| {n} | {med(lambda m, r: m['steps']):.0f} | {med(lambda m, r: m['ms_per_step_median']):.0f} "
+                     f"| {mem:.0f} | {med(lambda m, r: np.median(r[:, 3])):.3f} "
+                     f"| {b['evaluator_target_rate']:.3f} → {med(lambda m, r: a(m)['evaluator_target_rate']):.3f} "
+                     f"| {med(lambda m, r: a(m)['evaluator_target_rate'] - b['evaluator_target_rate']):+.3f} "
+                     f"| {med(lambda m, r: a(m)['reward_mean']):.3f} "
+                     f"| {b['fd']:.2f} → {med(lambda m, r: a(m)['fd']):.2f} |")
+    if opts["grad_norms"]:
+        lines += ["", "Gradient norm of the reward w.r.t. the LoRA at initialisation (8 samples):", "",
+                  "| chain | grad norm |", "|---|---|"]
+        lines += [f"| {name} | {g:.4g} |" for name, g in grad_norm_vs_chain(opts["out_dir"], device)]
+    lines += ["", "Fidelity of the short chain: MSE to the untuned base model's DDIM-50 x_0 from the same x_T "
+              "(64 samples):", "", "| chain | MSE |", "|---|---|"]
+    lines += [f"| {name} | {v:.4f} |" for name, v in chain_fidelity(opts["out_dir"], device)]
+    report = "\n".join(lines)
+    print(report)
+    path = os.path.join(opts["out_dir"], "compare", "results.md")
+    with open(path, "w") as f:
+        f.write(report + "\n")
+    plot(results, os.path.join(opts["out_dir"], "compare", "reward_vs_time.png"))
+    print(f"\nwritten: {path}")
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n, runs in results.items():
+        _, r = runs[0]
+        w = max(1, len(r) // 10)
+        ax.plot(np.cumsum(r[:, 4])[w - 1:] / 1000, np.convolve(r[:, 2], np.ones(w) / w, "valid"), label=n)
+    ax.set_xlabel("training seconds")
+    ax.set_ylabel("batch reward (running mean)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

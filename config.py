@@ -68,7 +68,7 @@ DEFAULTS = dict(
     ft_steps=120,
     ft_seconds=0.0,  # > 0: a wall-clock budget of training seconds instead of ft_steps (equal compute)
     ft_batch=8,
-    ft_lr=2e-3,
+    ft_lr=5e-4,
     ft_grad_clip=1.0,
     reward_scale=1.0,  # loss = -reward_scale * mean reward
     lora_rank=4,  # the paper uses 128 on SD 1.5

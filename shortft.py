@@ -10,8 +10,8 @@ the edges s_j (k = 4: 761, 501, 261, 1). One ShortFT sample, as in the diagram o
 
 - The shortcut (consistency.py) is frozen; the gradient passes through its input x_t.
 - The gradient reaches the base model's trainable LoRA through ~2k network calls instead of 50.
-- Timestep-aware LoRA (T-LoRA): k LoRAs, LoRA j stacked on LoRA j-1 (lora.py). *Choice*: at
-  inference every timestep of segment j (not only its last) runs with LoRAs 1..j on.
+- Timestep-aware LoRA (T-LoRA): k LoRAs, LoRA j stacked on LoRA j-1 (lora.py), used from its
+  segment's last timestep on (FineTuned.stack); the same rule holds at inference.
 - Progressive training (P-Training): k stages; in stage i (0-based here) LoRAs i..k-1 train,
   segments 0..i run the real base chain, only segment i's last step carries gradient (truncated
   backprop), and shortcuts stand in only after segment i. Stage 0 is the diagram above.
@@ -42,23 +42,26 @@ def segment_groups(timesteps, edges):
 
 
 class FineTuned:
-    """The base UNet (with LoRA layers) as an eps-predictor whose LoRA stack depends on the timestep:
-    at a timestep of segment j (0-based) the LoRAs 0..j are on (T-LoRA), or all of them when
-    T-LoRA is off (one LoRA for every timestep)."""
+    """The base UNet (with LoRA layers) as an eps-predictor whose LoRA stack depends on the timestep
+    (T-LoRA): LoRA j (1-based) is used at segment j's last timestep, stacked on LoRAs 1..j-1, and the
+    stack stays on below it. So segment 1 runs LoRA 1 throughout, segment j's inner steps run LoRAs
+    1..j-1 and its last step LoRAs 1..j (*choice* for the inner steps, which the short chain never
+    runs; PAPER.md Sec. 3 only says each LoRA is used at its segment's final timestep). With T-LoRA
+    off, one LoRA serves every timestep."""
 
     def __init__(self, unet, groups, tlora=True):
         self.unet, self.groups, self.tlora = unet, groups, tlora
+        self.edges = [g[-1] for g in groups]  # s_j, descending
 
     def __call__(self, x, t):
-        """eps_theta(x_t, t) with the LoRA stack of t's segment; t: (B,) with one value (a sampler's step)."""
+        """eps_theta(x_t, t) with the LoRA stack of t; t: (B,) with one value (a sampler's step)."""
         if self.tlora:
-            set_active(self.unet, self.segment_of(int(t[0])) + 1)
+            set_active(self.unet, self.stack(int(t[0])))
         return self.unet(x, t)
 
-    def segment_of(self, t):
-        """Segment j holds the timesteps from its edge s_j up to the edge above; below the last edge
-        (only t = 0, for the 1000-step sampler) counts as the last segment."""
-        return next((j for j, g in enumerate(self.groups) if t >= g[-1]), len(self.groups) - 1)
+    def stack(self, t):
+        """How many LoRAs are on at timestep t: the edges at or above t, at least one."""
+        return max(1, sum(e >= t for e in self.edges))
 
 
 def set_stage(ft, stage):
@@ -121,7 +124,7 @@ def merge_for_sampling(ft):
     if not ft.tlora:
         return merged(ft.unet, 1)
     unets = [merged(ft.unet, j + 1) for j in range(len(ft.groups))]
-    return lambda x, t: unets[ft.segment_of(int(t[0]))](x, t)
+    return lambda x, t: unets[ft.stack(int(t[0])) - 1](x, t)
 
 
 # --- the baselines: the same long DDIM-50 chain, differing only in where the gradient is cut ---------

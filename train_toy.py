@@ -34,6 +34,11 @@ STAGES = [("ddpm", "train_ddpm"), ("distill", "consistency"), ("classifier", "cl
 
 def run_pipeline(args):
     cfg = config.resolve(args, torch.cuda.is_available())
+    wanted = [s for s, _ in STAGES] if cfg["stages"] == "all" else cfg["stages"].split(",")
+    unknown = [s for s in wanted if s not in dict(STAGES)]
+    if unknown:
+        raise UserError(f"unknown stage {unknown[0]!r}: --stages takes all or a comma list of "
+                        f"{', '.join(s for s, _ in STAGES)}")
     device = pick_device(cfg["device"])
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere and later
@@ -43,11 +48,6 @@ def run_pipeline(args):
     if cfg["preset"] == "cpu":
         print("[train_toy] CPU preset: a small UNet and short stages, about 10 minutes per stage on 2 cores. "
               "For the real run use a GPU (--preset=gpu); override any key with --key=value.")
-    wanted = [s for s, _ in STAGES] if cfg["stages"] == "all" else cfg["stages"].split(",")
-    unknown = [s for s in wanted if s not in dict(STAGES)]
-    if unknown:
-        raise UserError(f"unknown stage {unknown[0]!r}: --stages takes all or a comma list of "
-                        f"{', '.join(s for s, _ in STAGES)}")
     minutes = {}
     for stage, module in STAGES:
         if stage not in wanted:

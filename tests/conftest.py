@@ -15,7 +15,7 @@ TINY = ["--ch=16", "--ch_mult=1,2,4", "--num_res_blocks=1", "--attn_res=8", "--b
         "--n_train=1000", "--log_every=20", "--sample_every=1000", "--preset=cpu", "--device=cpu"]
 
 
-def run_cli(*args, check=True, timeout=600):
+def run_cli(*args, check=True, timeout=1500):
     """Run `python train_toy.py ARGS` in a subprocess; returns the CompletedProcess."""
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train_toy.py"), *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=timeout)

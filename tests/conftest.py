@@ -35,5 +35,6 @@ def cifar_root():
 def tiny_ddpm(tmp_path_factory, cifar_root):
     """A tiny DDPM trained for 200 steps on 1000 real CIFAR-10 images; returns its out_dir."""
     out = tmp_path_factory.mktemp("tiny_ddpm")
-    run_cli(f"--out_dir={out}", f"--data_root={cifar_root}", "--ddpm_steps=200", "--ckpt_every=100", *TINY)
+    run_cli(f"--out_dir={out}", f"--data_root={cifar_root}", "--ddpm_steps=200", "--ckpt_every=100", "--stages=ddpm",
+            *TINY)
     return str(out)

@@ -44,12 +44,12 @@ def test_sample_writes_uint8_npz_and_grid(tiny_ddpm, tmp_path, sampler, steps):
 
 
 def test_completed_stage_is_skipped(tiny_ddpm, cifar_root):
-    p = run_cli(f"--out_dir={tiny_ddpm}", f"--data_root={cifar_root}", "--ddpm_steps=200", *TINY)
+    p = run_cli(f"--out_dir={tiny_ddpm}", f"--data_root={cifar_root}", "--ddpm_steps=200", "--stages=ddpm", *TINY)
     assert "skipping" in p.stdout
 
 
 def test_killed_run_resumes_from_saved_step(tmp_path, cifar_root):
-    args = [f"--out_dir={tmp_path}", f"--data_root={cifar_root}", "--ddpm_steps=120", "--ckpt_every=10",
+    args = [f"--out_dir={tmp_path}", f"--data_root={cifar_root}", "--ddpm_steps=120", "--ckpt_every=10", "--stages=ddpm",
             "--batch_size=16", *[a for a in TINY if not a.startswith("--batch_size")]]
     ckpt_path = tmp_path / "ddpm" / "ckpt.pt"
     proc = subprocess.Popen([sys.executable, "train_toy.py", *args], cwd=ROOT,
@@ -75,7 +75,7 @@ def test_killed_run_resumes_from_saved_step(tmp_path, cifar_root):
     (["--bach_size=3"], "did you mean --batch_size"),
     (["--batch_size=big"], "expects a int"),
     (["--resume=maybe"], "expects a bool"),
-    (["--data_root=/nonexistent/cifar"], "--data_root"),
+    (["--data_root=/nonexistent/cifar", "--out_dir=/nonexistent/out"], "--data_root"),
     (["--preset=huge"], "--preset"),
     (["frobnicate"], "unknown command"),
     (["sample", "--ckpt=/nonexistent.pt"], "not found"),

@@ -15,6 +15,7 @@ Both nets take images in [-1, 1] and normalise them themselves.
 """
 import contextlib
 import os
+import sys
 import time
 
 import torch
@@ -215,7 +216,7 @@ def train_net(kind, cfg, device):
                          rng=rng_state(), arch=arch, test_acc=test_acc, elapsed=elapsed), ckpt_path)
 
     net.train()
-    bar = tqdm(total=steps, initial=step, desc=kind, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(file=sys.stdout, total=steps, initial=step, desc=kind, dynamic_ncols=True, mininterval=1.0)
     t_last, loss_sum, correct, n_seen = time.time(), 0.0, 0, 0
     while step < steps:
         t0 = time.time()

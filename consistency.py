@@ -34,6 +34,7 @@ import contextlib
 import copy
 import math
 import os
+import sys
 import time
 
 import torch
@@ -256,7 +257,7 @@ def train(cfg, device):
                          rng=rng_state(), edges=edges, teacher=teacher_path, elapsed=elapsed), ckpt_path)
 
     student.train()
-    bar = tqdm(total=cfg["distill_steps"], initial=step, desc="distill", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(file=sys.stdout, total=cfg["distill_steps"], initial=step, desc="distill", dynamic_ncols=True, mininterval=1.0)
     t_last, loss_sum, n_sum = time.time(), 0.0, 0
     while step < cfg["distill_steps"]:
         t0 = time.time()

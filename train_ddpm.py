@@ -8,6 +8,7 @@ import contextlib
 import copy
 import math
 import os
+import sys
 import time
 
 import torch
@@ -92,7 +93,7 @@ def train(cfg, device):
                          step=step, config=dict(cfg), rng=rng_state(), elapsed=elapsed), ckpt_path)
 
     model.train()
-    bar = tqdm(total=cfg["ddpm_steps"], initial=step, desc="ddpm", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(file=sys.stdout, total=cfg["ddpm_steps"], initial=step, desc="ddpm", dynamic_ncols=True, mininterval=1.0)
     t_last, loss_sum, n_sum = time.time(), 0.0, 0
     while step < cfg["ddpm_steps"]:
         t0 = time.time()

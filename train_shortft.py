@@ -13,6 +13,7 @@ import math
 import os
 import re
 import resource
+import sys
 import time
 
 import numpy as np
@@ -170,7 +171,7 @@ def train(cfg, device):
     os.makedirs(out, exist_ok=True)
     # the budget: ft_steps steps, or ft_seconds of training time when that is set (equal compute)
     budget = (lambda: train_s / cfg["ft_seconds"]) if cfg["ft_seconds"] > 0 else (lambda: step / cfg["ft_steps"])
-    bar = tqdm(total=cfg["ft_steps"] if cfg["ft_seconds"] <= 0 else None, initial=step, desc=cfg["method"],
+    bar = tqdm(file=sys.stdout, total=cfg["ft_steps"] if cfg["ft_seconds"] <= 0 else None, initial=step, desc=cfg["method"],
                dynamic_ncols=True, mininterval=1.0)
     while budget() < 1:
         t0 = time.time()

@@ -13,7 +13,6 @@ Writes <out_dir>/classifier/ckpt.pt (kind "classifier") and <out_dir>/evaluator/
 each, and finally <out_dir>/evaluator/real_stats.npz (evaluate.py: the real images' features).
 Both nets take images in [-1, 1] and normalise them themselves.
 """
-import contextlib
 import os
 import sys
 import time
@@ -23,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, load_checkpoint, rng_state, save_atomic, seed_all, set_rng_state
+from common import (UserError, bf16_autocast, load_checkpoint, open_log, rng_state, save_atomic, seed_all,
+                     set_rng_state)
 from data import DeviceBatches, load_cifar10
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean and std of the training images in [0, 1]
@@ -203,13 +203,8 @@ def train_net(kind, cfg, device):
     B = cfg["cls_batch_size"]
     print(f"[{kind}] {arch_name} width {arch['width']}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M "
           f"parameters, {len(data)} training images, {steps} steps of batch {B} on {device}")
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg["bf16"] and device.type == "cuda"
-                else contextlib.nullcontext())
-    os.makedirs(out, exist_ok=True)
-    new_log = step == 0 or not os.path.exists(os.path.join(out, "log.csv"))
-    log = open(os.path.join(out, "log.csv"), "w" if new_log else "a")
-    if new_log:
-        log.write("step,loss,train_acc,img_per_s\n")
+    autocast = bf16_autocast(cfg, device)
+    log, _ = open_log(out, "step,loss,train_acc,img_per_s", fresh=step == 0)
 
     def save(test_acc=None):
         save_atomic(dict(kind=kind, model=net.state_dict(), opt=opt.state_dict(), step=step, config=dict(cfg),

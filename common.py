@@ -1,4 +1,5 @@
 """Small shared helpers: errors for users, device choice, atomic checkpoints, EMA, image grids."""
+import contextlib
 import os
 import random
 
@@ -93,3 +94,22 @@ def save_grid(x, path, nrow=8):
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save_image((x.detach().float().cpu().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2)
+
+
+def bf16_autocast(cfg, device):
+    """bf16 autocast when --bf16 is set on CUDA, else a no-op context."""
+    if cfg["bf16"] and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def open_log(out, header, fresh):
+    """<out>/log.csv: started anew (with its header) for a fresh run or when missing, else appended to.
+    Returns (file, whether it was started anew)."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "log.csv")
+    fresh = fresh or not os.path.exists(path)
+    log = open(path, "w" if fresh else "a")
+    if fresh:
+        log.write(header + "\n")
+    return log, fresh

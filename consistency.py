@@ -30,7 +30,6 @@ Writes <out_dir>/distill/ckpt.pt = {kind: "shortcut", model, ema, target, opt, s
 edges, teacher, elapsed}, <out_dir>/distill/samples_{step}.png (top half: teacher DDIM-50; bottom
 half: the (k+1)-call shortcut sampler, same noise) and <out_dir>/distill/log.csv (step, loss, img/s).
 """
-import contextlib
 import copy
 import math
 import os
@@ -41,7 +40,8 @@ import torch
 from tqdm import tqdm
 
 import ddpm
-from common import UserError, ema_update, load_checkpoint, rng_state, save_atomic, save_grid, set_rng_state
+from common import (UserError, bf16_autocast, ema_update, load_checkpoint, open_log, rng_state, save_atomic,
+                     save_grid, set_rng_state)
 from data import DeviceBatches, load_cifar10
 from train_ddpm import MODEL_KEYS, load_ddpm
 from unet import build_unet
@@ -241,13 +241,9 @@ def train(cfg, device):
     m = round(cfg["teacher_chain_frac"] * cfg["distill_batch"])  # batch rows on the teacher's own chains
     chains = TeacherChains(teacher, sched, m, device) if m > 0 else None
     net = torch.compile(student) if cfg["compile"] and device.type == "cuda" else student
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg["bf16"] and device.type == "cuda"
-                else contextlib.nullcontext())
-    os.makedirs(out, exist_ok=True)
-    new_log = step == 0 or not os.path.exists(os.path.join(out, "log.csv"))
-    log = open(os.path.join(out, "log.csv"), "w" if new_log else "a")
+    autocast = bf16_autocast(cfg, device)
+    log, new_log = open_log(out, "step,loss,img_per_s", fresh=step == 0)
     if new_log:
-        log.write("step,loss,img_per_s\n")
         # step 0: the student is still the teacher, so this grid shows the naive k-jump DDIM sampler
         sample_grid(teacher, ema, sched, x_T, edges, os.path.join(out, "samples_0.png"))
 

@@ -4,7 +4,6 @@ Writes <out_dir>/ddpm/ckpt.pt = {kind, model, ema, opt, step, config, rng, elaps
 <out_dir>/ddpm/samples_{step}.png (first row: real images; then DDIM-50 samples of the EMA model
 from fixed noise) and <out_dir>/ddpm/log.csv (step, loss, img/s).
 """
-import contextlib
 import copy
 import math
 import os
@@ -15,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 import ddpm
-from common import UserError, ema_update, load_checkpoint, rng_state, save_atomic, save_grid, set_rng_state
+from common import (UserError, bf16_autocast, ema_update, load_checkpoint, open_log, rng_state, save_atomic,
+                     save_grid, set_rng_state)
 from data import DeviceBatches, load_cifar10
 from unet import build_unet
 
@@ -80,13 +80,8 @@ def train(cfg, device):
     real = (x[torch.randperm(len(x), generator=g)[:8]].float() / 127.5 - 1).to(device)  # (8, 3, 32, 32)
 
     net = torch.compile(model) if cfg["compile"] and device.type == "cuda" else model
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg["bf16"] and device.type == "cuda"
-                else contextlib.nullcontext())
-    os.makedirs(out, exist_ok=True)
-    new_log = step == 0 or not os.path.exists(os.path.join(out, "log.csv"))
-    log = open(os.path.join(out, "log.csv"), "w" if new_log else "a")
-    if new_log:
-        log.write("step,loss,img_per_s\n")
+    autocast = bf16_autocast(cfg, device)
+    log, _ = open_log(out, "step,loss,img_per_s", fresh=step == 0)
 
     def save():
         save_atomic(dict(kind="ddpm", model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),

@@ -1,20 +1,27 @@
 """ShortFT against the baselines at equal wall-clock compute, plus ablations and gradient norms.
 
-    python bench_compare.py                 # every method, 2 seeds, 60 s of training each (CPU: ~25 min)
+    python bench_compare.py                 # every method and ablation, 2 seeds, 60 s of training each (CPU: ~20 min)
     python bench_compare.py --quick         # a smoke run: 1 seed, 8 s each, 32 evaluation samples
-    python bench_compare.py --seconds=600 --n_eval=2000 --seeds=0,1,2   # on a GPU
+    python bench_compare.py --seconds=600 --n_eval=2000 --seeds=0,1,2 --jobs=1   # on a GPU
 
 Needs the trained stages in --out_dir (ddpm, distill, classifier/evaluator: `python train_toy.py`).
 Every run fine-tunes the same base model with the same reward for the same training seconds
 (`--ft_seconds`), in its own folder <out_dir>/compare/seed<S>/<method>, and is scored on DDIM-50
 samples of its fine-tuned model from the same fixed noise. Writes <out_dir>/compare/results.md
 and reward_vs_time.png.
+
+Equal compute on a CPU (*choice*): `--jobs=2` runs two fine-tuning processes side by side with one
+thread each (`--threads`), so every method gets the same one core for the same seconds. The k = 2
+and k = 8 ablations need shortcuts with other segment edges: they are distilled once, starting from
+the k = 4 shortcut (`--distill_init`), for `--k_distill_steps` steps, under <out_dir>/compare/k<k>/.
 """
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -23,14 +30,21 @@ import config
 from common import UserError, pick_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULTS = dict(out_dir="out", seconds=60.0, seeds="0,1", n_eval=256, quick=False, device="auto",
-                methods="shortft,draft,draft_lv,alignprop,full,full_ckpt,shortft_no_tlora,shortft_no_ptrain",
-                grad_norms=True, child_mem="")
+DEFAULTS = dict(out_dir="out", seconds=60.0, seeds="0,1", n_eval=256, quick=False, device="auto", jobs=2,
+                threads=1, methods="shortft,draft,draft_lv,alignprop,full,full_ckpt,shortft_no_tlora,"
+                "shortft_no_ptrain,shortft_k2,shortft_k8", k_distill_steps=100, grad_norms=True, child_mem="")
 # name -> the train_toy.py overrides that make it
 RUNS = {"shortft": [], "draft": ["--method=draft"], "draft_lv": ["--method=draft_lv"],
         "alignprop": ["--method=alignprop"], "full": ["--method=full"],
         "full_ckpt": ["--method=full", "--full_checkpoint"],
-        "shortft_no_tlora": ["--tlora=false"], "shortft_no_ptrain": ["--progressive=false"]}
+        "shortft_no_tlora": ["--tlora=false"], "shortft_no_ptrain": ["--progressive=false"],
+        "shortft_k2": [], "shortft_k8": []}  # ShortFT on a shortcut of k = 2 / 8 segments (k_of)
+
+
+def k_of(name):
+    """The number of segments of a run's shortcut: 4 (the stage's own), or the _k<k> suffix."""
+    m = re.search(r"_k(\d+)$", name)
+    return int(m.group(1)) if m else None
 
 
 def method_of(name):
@@ -45,7 +59,9 @@ def step_memory(name, out_dir, device):
     from rewards import build_reward
 
     cfg = config.resolve([f"--out_dir={out_dir}", *RUNS[name]], torch.cuda.is_available())
-    student, _, _, edges = load_shortcut(os.path.join(out_dir, "distill", "ckpt.pt"), device)
+    k = k_of(name)
+    distill = os.path.join(out_dir, "compare", f"k{k}", "distill") if k else os.path.join(out_dir, "distill")
+    student, _, _, edges = load_shortcut(os.path.join(distill, "ckpt.pt"), device)
     reward = build_reward(cfg["reward"], out_dir, device)
     ft, sched = train_shortft.build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
     ft.unet.eval()
@@ -114,26 +130,56 @@ def chain_fidelity(out_dir, device, n=64):
             ("DDIM-50 samples of other noise (scale)", mse(real.roll(1, 0)))]
 
 
+def child_env(opts):
+    """The environment of a fine-tuning child: --threads CPU threads (one per job on 2 cores)."""
+    return dict(os.environ, OMP_NUM_THREADS=str(opts["threads"]), MKL_NUM_THREADS=str(opts["threads"]))
+
+
+def shortcut_for_k(k, opts, device):
+    """<out_dir>/compare/k<k>/distill: a shortcut with k segments, re-segmented from the k = 4 one."""
+    base = os.path.abspath(opts["out_dir"])
+    out = os.path.join(base, "compare", f"k{k}")
+    os.makedirs(out, exist_ok=True)
+    for link in ("ddpm", "cache"):  # the same teacher and the same cached data
+        if not os.path.exists(os.path.join(out, link)) and os.path.exists(os.path.join(base, link)):
+            os.symlink(os.path.join(base, link), os.path.join(out, link))
+    data_root = torch.load(os.path.join(base, "ddpm", "ckpt.pt"), map_location="cpu",
+                           weights_only=False)["config"]["data_root"]
+    print(f"[compare] the k = {k} shortcut: {opts['k_distill_steps']} steps from the k = 4 one", flush=True)
+    # --resume: a complete shortcut is skipped, a killed distillation continues, a missing one starts
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train_toy.py"), "--stages=distill", f"--out_dir={out}",
+                        f"--k_segments={k}", f"--distill_steps={opts['k_distill_steps']}", f"--data_root={data_root}",
+                        f"--distill_init={os.path.join(base, 'distill', 'ckpt.pt')}", f"--device={device.type}",
+                        "--sample_every=1000000", "--resume"], cwd=HERE, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        raise UserError(f"distilling the k = {k} shortcut failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+    return os.path.join(out, "distill")
+
+
 def run(name, seed, opts, device):
     base = os.path.abspath(opts["out_dir"])
-    out = os.path.join(base, "compare", f"seed{seed}")
+    k = k_of(name)
+    out = os.path.join(base, "compare", f"seed{seed}" + (f"_k{k}" if k else ""))
     os.makedirs(out, exist_ok=True)
     for stage in ("ddpm", "distill", "classifier", "evaluator"):  # the shared, already trained stages
         if not os.path.exists(os.path.join(base, stage, "ckpt.pt")):
             raise UserError(f"{base}/{stage}/ckpt.pt is missing: run `python train_toy.py` first")
+        src = shortcut_for_k(k, opts, device) if stage == "distill" and k else os.path.join(base, stage)
         if not os.path.exists(os.path.join(out, stage)):
-            os.symlink(os.path.join(base, stage), os.path.join(out, stage))
+            os.symlink(src, os.path.join(out, stage))
     run_dir = os.path.join(out, name)
     args = [f"--out_dir={out}", "--stages=shortft", f"--seed={seed}", f"--ft_seconds={opts['seconds']}",
             f"--n_eval={opts['n_eval']}", f"--device={device.type}", "--ft_ckpt_every=1000000", *RUNS[name]]
-    metrics = os.path.join(out, method_of(name), "metrics.json")
     if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
         print(f"[compare] {name}, seed {seed}: {opts['seconds']:.0f} s of training", flush=True)
         if os.path.isdir(os.path.join(out, method_of(name))):  # a killed run of the same method: start over
             for f in os.listdir(os.path.join(out, method_of(name))):
                 os.remove(os.path.join(out, method_of(name), f))
-        subprocess.run([sys.executable, os.path.join(HERE, "train_toy.py"), *args], check=True, cwd=HERE,
-                       stdout=subprocess.DEVNULL)
+        p = subprocess.run([sys.executable, os.path.join(HERE, "train_toy.py"), *args], cwd=HERE,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(opts))
+        if p.returncode != 0:
+            raise UserError(f"{name}, seed {seed} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
         os.replace(os.path.join(out, method_of(name)), run_dir)  # the method's folder, named by the run
     with open(os.path.join(run_dir, "metrics.json")) as f:
         m = json.load(f)
@@ -149,29 +195,46 @@ def main(argv):
         print(json.dumps(step_memory(opts["child_mem"], opts["out_dir"], device)))
         return
     if opts["quick"]:
-        opts.update(seconds=8.0, seeds="0", n_eval=32)
+        opts.update(seconds=8.0, seeds="0", n_eval=32, k_distill_steps=4)
     names = opts["methods"].split(",")
     bad = [n for n in names if n not in RUNS]
     if bad:
         raise UserError(f"unknown method {bad[0]!r}: choose from {', '.join(RUNS)}")
     seeds = [int(s) for s in opts["seeds"].split(",")]
-    results = {n: [run(n, s, opts, device) for s in seeds] for n in names}
-    lines = [f"Equal compute: {opts['seconds']:.0f} s of fine-tuning per run on {device}, seeds {seeds}, "
-             f"scored on {opts['n_eval']} DDIM-50 samples (medians over seeds).", "",
+    if opts["jobs"] < 1 or opts["threads"] < 1:
+        raise UserError("--jobs and --threads must be at least 1")
+    for k in sorted({k_of(n) for n in names if k_of(n)}):  # the k-ablation shortcuts first (all cores)
+        shortcut_for_k(k, opts, device)
+    # the runs are independent: --jobs of them at a time, each on --threads threads
+    with ThreadPoolExecutor(opts["jobs"]) as pool:
+        futures = {(n, s): pool.submit(run, n, s, opts, device) for n in names for s in seeds}
+        results = {n: [futures[n, s].result() for s in seeds] for n in names}
+    lines = [f"Equal compute: {opts['seconds']:.0f} s of fine-tuning per run on {device} ({opts['jobs']} runs at a "
+             f"time, {opts['threads']} thread(s) each), seeds {seeds}, scored on {opts['n_eval']} DDIM-50 samples of "
+             f"the fine-tuned base model (medians over seeds; gain = after - before).", "",
              "| method | steps | ms/step | step peak MiB | grad norm (median) | held-out target rate before → after "
-             "| gain | reward after | Fréchet dist. before → after |", "|---|---|---|---|---|---|---|---|---|"]
+             "| gain | reward after | Fréchet dist. before → after | diversity after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    gains = {}
     for n, runs in results.items():
         med = lambda f: float(np.median([f(m, r) for m, r in runs]))
         p = subprocess.run([sys.executable, __file__, f"--child_mem={n}", f"--out_dir={opts['out_dir']}",
-                            f"--device={device.type}"], capture_output=True, text=True, cwd=HERE)
+                            f"--device={device.type}"], capture_output=True, text=True, cwd=HERE,
+                           env=child_env(opts))
         mem = float(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else float("nan")
         b, a = runs[0][0]["before"], lambda m: m["after"]
+        gains[n] = med(lambda m, r: a(m)["evaluator_target_rate"] - b["evaluator_target_rate"])
         lines.append(f"| {n} | {med(lambda m, r: m['steps']):.0f} | {med(lambda m, r: m['ms_per_step_median']):.0f} "
-                     f"| {mem:.0f} | {med(lambda m, r: np.median(r[:, 3])):.3f} "
+                     f"| {mem:.0f} | {med(lambda m, r: np.median(r[:, 3])):.3g} "
                      f"| {b['evaluator_target_rate']:.3f} → {med(lambda m, r: a(m)['evaluator_target_rate']):.3f} "
-                     f"| {med(lambda m, r: a(m)['evaluator_target_rate'] - b['evaluator_target_rate']):+.3f} "
-                     f"| {med(lambda m, r: a(m)['reward_mean']):.3f} "
-                     f"| {b['fd']:.2f} → {med(lambda m, r: a(m)['fd']):.2f} |")
+                     f"| {gains[n]:+.3f} | {med(lambda m, r: a(m)['reward_mean']):.3f} "
+                     f"| {b['fd']:.2f} → {med(lambda m, r: a(m)['fd']):.2f} "
+                     f"| {b.get('diversity', float('nan')):.2f} → {med(lambda m, r: a(m).get('diversity', float('nan'))):.2f} |")
+    baselines = [n for n in gains if method_of(n) != "shortft"]
+    if "shortft" in gains and baselines:
+        best = max(baselines, key=gains.get)
+        lines += ["", f"ShortFT's gain / the best baseline's ({best}): {gains['shortft']:+.3f} / {gains[best]:+.3f}"
+                  + (f" = {gains['shortft'] / gains[best]:.2f}x" if gains[best] > 0 else "")]
     if opts["grad_norms"]:
         lines += ["", "Gradient norm of the reward w.r.t. the LoRA at initialisation (8 samples):", "",
                   "| chain | grad norm |", "|---|---|"]

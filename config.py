@@ -63,6 +63,7 @@ DEFAULTS = dict(
     distill_ema=0.99,  # EMA of the student: the weights sampled, and used as the shortcut by ShortFT
     teacher_solver="ddim",  # ddim | heun: the teacher's ODE step t_{n+1} -> t_n
     teacher_chain_frac=0.5,  # part of each batch on the teacher's own DDIM-50 chains, not q(x_t|x_0) of real data
+    distill_init="",  # a shortcut ckpt.pt to start the student from (its EMA) instead of the teacher: k ablations
     # --- ShortFT reward fine-tuning (shortft.py, train_shortft.py) ---
     reward="classifier:ship",  # rewards.py spec: brightness, brightness:0.8, classifier:<class>, 0.7*a+0.3*b
     ft_steps=120,
@@ -79,6 +80,7 @@ DEFAULTS = dict(
     progressive=True,  # P-Training: k stages, the real chain grows by a segment each stage
     n_eval=256,  # DDIM-50 samples from fixed noise, scored before and after fine-tuning
     ft_ckpt_every=20,
+    ft_eval_every=0,  # > 0: also score DDIM-50 samples every this many steps (eval.csv: the reward/quality curve)
     method="shortft",  # shortft | draft | draft_lv | alignprop | full: where the gradient is cut (shortft.py)
     draft_k=1,  # DRaFT-K: the last K of the 50 steps carry gradient
     lv_n=2,  # DRaFT-LV: copies of the last step

@@ -206,6 +206,12 @@ def train(cfg, device):
     cfg.update({k: teacher_cfg[k] for k in MODEL_KEYS})  # the student is the teacher's UNet
 
     student = copy.deepcopy(teacher).requires_grad_(True)  # initialised from the teacher (Song et al. 2023)
+    if cfg["distill_init"]:  # *choice* for ablations: re-segment a distilled shortcut (e.g. k = 4 -> 8) briefly
+        init = load_checkpoint(cfg["distill_init"], "shortcut")
+        try:
+            student.load_state_dict(init["ema"])
+        except RuntimeError:
+            raise UserError(f"--distill_init={cfg['distill_init']} is a shortcut of another UNet than the teacher") from None
     opt = torch.optim.Adam(student.parameters(), lr=cfg["distill_lr"])
     step, elapsed = 0, 0.0
     if os.path.exists(ckpt_path):

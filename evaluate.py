@@ -3,6 +3,8 @@
 Every number here comes from models that fine-tuning never saw as a reward:
 - the held-out evaluator's verdict (classifier.py, VGG): class histogram, target-class rate and
   mean log p(target); next to it the reward classifier's own score, so a gap shows reward hacking;
+- diversity: the spread of the samples' evaluator features, tr(Sigma_samples) / tr(Sigma_test):
+  about 1 for real images, towards 0 when fine-tuning collapses onto a few images (mode collapse);
 - sample quality: the Fréchet distance between Gaussians fitted to the evaluator's penultimate
   features of the samples and of the real test split. It is an *evaluator-feature Fréchet
   distance, not comparable to published FID* (those use Inception-v3 features and 50k samples); it
@@ -134,13 +136,15 @@ def evaluate_samples(images, out_dir, device, target=None, reward=None, inceptio
     net, _ = _evaluator(out_dir, device)
     stats = real_stats(out_dir, device)
     feats, logp = net_outputs(net, x, device)  # (N, D), (N, 10)
-    fd = frechet_distance(*gaussian_stats(feats), stats["mu_test"], stats["sigma_test"])
+    mu, sigma = gaussian_stats(feats)  # (D,), (D, D)
+    fd = frechet_distance(mu, sigma, stats["mu_test"], stats["sigma_test"])
+    diversity = float(np.trace(sigma) / np.trace(stats["sigma_test"]))  # ~1 for real images, 0 if all alike
     # the floor at this sample count: the Fréchet distance is biased upwards at small N
     n_floor = min(len(x), len(stats["feats_train"]))
     floor_n = frechet_distance(*gaussian_stats(stats["feats_train"][:n_floor]), stats["mu_test"], stats["sigma_test"])
     hist = np.bincount(logp.argmax(1), minlength=len(CLASSES)) / len(x)  # (10,)
     m = {"n_samples": len(x), "fd_name": FD_NAME, "fd": fd, "fd_floor_same_n": floor_n, "fd_floor_n": n_floor,
-         "fd_floor_full": float(stats["fd_floor"]), "fd_floor_full_n": int(stats["n_train"]),
+         "diversity": diversity, "fd_floor_full": float(stats["fd_floor"]), "fd_floor_full_n": int(stats["n_train"]),
          "n_test": int(stats["n_test"]),
          "evaluator_class_hist": {c: float(h) for c, h in zip(CLASSES, hist)},
          "evaluator_class_entropy": float(-(hist[hist > 0] * np.log(hist[hist > 0])).sum())}
@@ -193,7 +197,8 @@ def format_table(m):
              f"{m['fd_name']}:",
              f"  samples vs test                         {m['fd']:10.4g}",
              f"  floor: {m['fd_floor_n']:5d} real train vs test         {m['fd_floor_same_n']:10.4g}",
-             f"  floor: {m['fd_floor_full_n']:5d} real train vs test         {m['fd_floor_full']:10.4g}"]
+             f"  floor: {m['fd_floor_full_n']:5d} real train vs test         {m['fd_floor_full']:10.4g}",
+             f"diversity tr(Sigma) / tr(Sigma_test) (real ~1, collapse -> 0) {m['diversity']:8.3f}"]
     if "inception_fid" in m:
         lines.append(f"Inception FID                             {m['inception_fid']:10.3f}")
     if "target" in m:

@@ -5,7 +5,8 @@ reward's classifier. With --method=draft|draft_lv|alignprop|full the same loop r
 long chain instead (shortft.py), writing under <out_dir>/<method>/. Writes <out_dir>/shortft/: ckpt.pt (kind "shortft": {unet, opt, step, config,
 rng, before, history, ...}), lora.pt (the LoRA weights alone), before_after.png (DDIM-50 samples of
 the base model, then of the fine-tuned one, from the same noise), reward.png (reward vs step),
-log.csv and metrics.json (held-out evaluator and Fréchet distance before/after).
+log.csv, eval.csv (held-out scores at the start, every --ft_eval_every steps, and at the end) and
+metrics.json (held-out evaluator, Fréchet distance and diversity before/after).
 """
 import hashlib
 import json
@@ -96,6 +97,9 @@ def check_method(cfg):
         raise UserError(f"--lv_n must be at least 1, got {cfg['lv_n']}")
     if not 0 <= cfg["alignprop_min"] <= cfg["alignprop_max"] < N_CHAIN:
         raise UserError(f"need 0 <= --alignprop_min <= --alignprop_max < {N_CHAIN}")
+    from rewards import parse_reward_spec
+
+    parse_reward_spec(cfg["reward"])  # a typo in --reward fails here, before any checkpoint is read
 
 
 def peak_memory_mib(device):
@@ -134,12 +138,13 @@ def train(cfg, device):
     opt = torch.optim.Adam(params, lr=cfg["ft_lr"])
     g = torch.Generator().manual_seed(4321)  # the fixed evaluation noise: same before and after
     x_eval = torch.randn(cfg["n_eval"], 3, 32, 32, generator=g).to(device)  # (n_eval, 3, 32, 32)
-    step, history, train_s, done = 0, [], 0.0, False
+    step, history, curve, train_s, done = 0, [], [], 0.0, False
     if ckpt:
         ft.unet.load_state_dict(ckpt["unet"])
         opt.load_state_dict(ckpt["opt"])
         set_rng_state(ckpt["rng"])
         step, history, before, train_s = ckpt["step"], ckpt["history"], ckpt["before"], ckpt["train_s"]
+        curve = ckpt.get("curve", [])
         print(f"[shortft] resuming {ckpt_path} from step {step}")
     else:  # the base model's scores: the same for every method and seed, so kept beside the base checkpoint
         stamp = [cfg["reward"], cfg["n_eval"], os.path.getmtime(base_path),  # valid while these stay the same
@@ -161,7 +166,7 @@ def train(cfg, device):
 
     def save():
         state = dict(kind="shortft", unet=ft.unet.state_dict(), opt=opt.state_dict(), step=step, done=done,
-                     train_s=train_s, config=dict(cfg), rng=rng_state(), before=before, history=history,
+                     train_s=train_s, config=dict(cfg), rng=rng_state(), before=before, history=history, curve=curve,
                      base=base_path, edges=list(edges))
         save_atomic(state, ckpt_path)
         if not cfg["full_ft"]:
@@ -195,6 +200,11 @@ def train(cfg, device):
         history.append(dict(step=step, stage=stage, reward=r.mean().item(), grad_norm=grad_norm, ms=ms))
         bar.update(1)
         bar.set_postfix(reward=f"{r.mean().item():.3f}", grad=f"{grad_norm:.2f}", ms=f"{ms:.0f}", stage=stage)
+        if cfg["ft_eval_every"] > 0 and step % cfg["ft_eval_every"] == 0 and budget() < 1:
+            curve.append(point(step, train_s, evaluate(merge_for_sampling(ft), sched, x_eval, cfg, device)[0]))
+            ft.unet.eval()
+            bar.write(f"[shortft] step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curve[-1].items()
+                                                            if k not in ("step", "train_s")))
         if step % cfg["ft_ckpt_every"] == 0:
             save()
     bar.close()
@@ -202,6 +212,10 @@ def train(cfg, device):
     save()
 
     after, x_after = evaluate(merge_for_sampling(ft), sched, x_eval, cfg, device)
+    curve = [point(0, 0.0, before)] + curve + [point(step, train_s, after)]
+    with open(os.path.join(out, "eval.csv"), "w") as f:  # held-out scores along the run (--ft_eval_every)
+        f.write(",".join(curve[0]) + "\n")
+        f.writelines(",".join(f"{v:.5g}" for v in c.values()) + "\n" for c in curve)
     x_before = ddim50(load_ddpm(base_path, device)[0], sched, x_eval[:32])
     save_grid(torch.cat([x_before, x_after[:32]]), os.path.join(out, "before_after.png"))
     with open(os.path.join(out, "log.csv"), "w") as f:
@@ -210,12 +224,19 @@ def train(cfg, device):
                      for h in history)
     ms = np.median([h["ms"] for h in history])
     metrics = dict(method=cfg["method"], reward=cfg["reward"], steps=step, ms_per_step_median=float(ms),
-                   peak_memory_mib=peak_memory_mib(device), device=str(device), before=before, after=after)
+                   peak_memory_mib=peak_memory_mib(device), device=str(device), before=before, after=after,
+                   curve=curve)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     plot_rewards(history, os.path.join(out, "reward.png"))
     print(f"[shortft] done: {step} steps, median {ms:.0f} ms/step; metrics in {out}/metrics.json")
     return ckpt_path
+
+
+def point(step, train_s, m):
+    """One row of eval.csv: where the run is, and the held-out scores of its DDIM-50 samples there."""
+    return dict(step=step, train_s=train_s, reward=m.get("reward_mean", float("nan")),
+                target_rate=m.get("evaluator_target_rate", float("nan")), fd=m["fd"], diversity=m.get("diversity", float("nan")))
 
 
 def plot_rewards(history, path):

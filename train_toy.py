@@ -72,7 +72,8 @@ def print_results(out_dir, method, minutes):
             ("held-out evaluator: target-class rate", "evaluator_target_rate"),
             ("held-out evaluator: mean log p(target)", "evaluator_mean_logp_target"),
             ("reward classifier: target-class rate", "classifier_target_rate"),
-            ("evaluator-feature Fréchet distance", "fd")]
+            ("evaluator-feature Fréchet distance", "fd"),
+            ("diversity, tr(Σ)/tr(Σ_test) (collapse → 0)", "diversity")]
     print(f"\n{method}, DDIM-50 samples of the base model before and after ({m['after']['n_samples']} fixed noises):")
     print("| metric | before | after |\n|---|---|---|")
     for name, key in rows:

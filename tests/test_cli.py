@@ -77,6 +77,8 @@ def test_killed_run_resumes_from_saved_step(tmp_path, cifar_root):
     (["--resume=maybe"], "expects a bool"),
     (["--data_root=/nonexistent/cifar", "--out_dir=/nonexistent/out"], "--data_root"),
     (["--preset=huge"], "--preset"),
+    (["--stages=shortft", "--reward=contrastt", "--out_dir=/nonexistent/out"], "unknown reward 'contrastt'"),
+    (["--stages=shortft", "--method=sgd", "--out_dir=/nonexistent/out"], "--method must be one of"),
     (["frobnicate"], "unknown command"),
     (["sample", "--ckpt=/nonexistent.pt"], "not found"),
     (["sample"], "--ckpt"),

@@ -119,8 +119,9 @@ def test_eval_command_prints_json(tiny_cls, cifar_root, tmp_path):
     x_test, _ = load_cifar10(cifar_root, "test", 500, str(tmp_path))
     real = x_test.permute(0, 2, 3, 1).numpy()[::2]  # (250, 32, 32, 3) uint8, real test images
     noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
+    collapsed = np.repeat(real[:1], len(real), axis=0)  # total mode collapse: one image, 250 copies
     results = {}
-    for name, images in (("real", real), ("noise", noise)):
+    for name, images in (("real", real), ("noise", noise), ("collapsed", collapsed)):
         np.savez(tmp_path / f"{name}.npz", images=images)
         p = run_cli("eval", f"--samples={tmp_path / name}.npz", f"--out_dir={tiny_cls}", "--target=ship",
                     "--reward=0.5*classifier:ship+brightness", "--device=cpu", timeout=120)
@@ -130,6 +131,10 @@ def test_eval_command_prints_json(tiny_cls, cifar_root, tmp_path):
         assert sum(m["evaluator_class_hist"].values()) == pytest.approx(1.0)
         assert m["evaluator_mean_logp_target"] <= 0 and "classifier_mean_reward" in m and "reward_mean" in m
     assert results["real"]["fd"] < results["noise"]["fd"]
+    # diversity = tr(Sigma) / tr(Sigma_test): half of the test split against the whole split's spread is
+    # near 1; 250 copies of one image have no spread at all
+    assert 0.7 < results["real"]["diversity"] < 1.3, results["real"]["diversity"]
+    assert results["collapsed"]["diversity"] < 1e-6
 
 
 def test_inception_fid_without_torchmetrics_is_a_user_error(tiny_cls, tmp_path):

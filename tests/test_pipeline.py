@@ -10,7 +10,7 @@ from conftest import TINY, run_cli
 from test_cli import one_line_error
 
 SMALL = ["--n_test=500", "--distill_steps=10", "--classifier_steps=10", "--evaluator_steps=10", "--ft_steps=4",
-         "--ft_ckpt_every=2", "--n_eval=16", "--ft_batch=2", "--ddpm_steps=200"]
+         "--ft_ckpt_every=2", "--ft_eval_every=2", "--n_eval=16", "--ft_batch=2", "--ddpm_steps=200"]
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,12 @@ def test_pipeline_runs_every_stage_and_prints_results(pipeline):
     for key in ("evaluator_target_rate", "fd", "reward_mean"):
         assert key in m["before"] and key in m["after"]
     assert m["after"]["n_samples"] == 16 and m["steps"] == 4
+    # eval.csv: the held-out scores before, at step 2 (--ft_eval_every=2) and at the end, the same as metrics.json's
+    rows = np.genfromtxt(out / "shortft" / "eval.csv", delimiter=",", names=True)
+    assert list(rows["step"]) == [0, 2, 4]
+    for row, m_ in ((rows[0], m["before"]), (rows[-1], m["after"])):
+        assert row["target_rate"] == pytest.approx(m_["evaluator_target_rate"], abs=1e-4)
+        assert row["fd"] == pytest.approx(m_["fd"], rel=1e-4) and row["diversity"] == pytest.approx(m_["diversity"], rel=1e-4)
     assert "| held-out evaluator: target-class rate |" in stdout and "| shortft |" in stdout
 
 
@@ -55,3 +61,29 @@ def test_missing_shortcut_is_a_clear_error(tmp_path, tiny_ddpm, cifar_root):
     p = run_cli(f"--out_dir={tmp_path}", f"--data_root={cifar_root}", *TINY, "--ddpm_steps=200", "--stages=shortft",
                 check=False)
     assert "--stages=distill" in one_line_error(p)
+
+
+def test_untuned_shortcut_chain_lands_near_the_real_ddim50_x0(pipeline):
+    """With the LoRA still zero, ShortFT's short chain (~7 calls) must land close to the base model's own
+    DDIM-50 x_0 from the same x_T, far closer than DDIM-50 samples of other noise are to each other:
+    else the gradient would be that of another sampler. (The CPU preset's figures: bench_compare.py.)"""
+    import torch
+
+    import config
+    import ddpm
+    from consistency import load_shortcut
+    from shortft import shortft_chain
+    from train_shortft import build_finetuned
+
+    out, _ = pipeline
+    student, _, _, edges = load_shortcut(str(out / "distill" / "ckpt.pt"), "cpu")
+    cfg = config.resolve(["--preset=cpu"], False)
+    ft, sched = build_finetuned(cfg, str(out / "ddpm" / "ckpt.pt"), edges, torch.device("cpu"))
+    x_T = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # (32, 3, 32, 32)
+    with torch.no_grad():  # forward chains only
+        real = ddpm.ddim_sample(ft, sched, x_T, ddpm.ddim_timesteps(sched.T, 50))  # (32, 3, 32, 32)
+        short = shortft_chain(ft, student, sched, x_T, ft.groups)
+    mse = (short - real).pow(2).mean().item()
+    scale = (real.roll(1, 0) - real).pow(2).mean().item()  # two DDIM-50 samples of different noise
+    print(f"short chain vs DDIM-50: MSE {mse:.4f}; other-noise samples: {scale:.4f}")
+    assert mse < 0.2 * scale, (mse, scale)

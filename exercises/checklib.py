@@ -1,0 +1,86 @@
+"""What the checks share: loading the module under test, and tiny random models that run in seconds.
+
+The module under test comes from $SHORTFT_EXERCISE_DIR (default: this folder, i.e. your starter):
+
+    python -m pytest exercises/check_ex1_ddim.py                                        # your answer
+    SHORTFT_EXERCISE_DIR=exercises/solutions python -m pytest exercises/check_ex1_ddim.py  # the reference
+"""
+import importlib.util
+import os
+import sys
+
+import torch
+import torch.nn as nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)  # the project's own modules (ddpm, consistency, shortft, ...) are the reference
+
+import ddpm  # noqa: E402
+import lora  # noqa: E402
+from unet import UNet  # noqa: E402
+
+
+def load(name):
+    """Import exercises/<name>.py, or <$SHORTFT_EXERCISE_DIR>/<name>.py, as a fresh module."""
+    folder = os.path.abspath(os.environ.get("SHORTFT_EXERCISE_DIR", HERE))
+    path = os.path.join(folder, name + ".py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: SHORTFT_EXERCISE_DIR={folder} has no {name}.py")
+    spec = importlib.util.spec_from_file_location(f"exercise_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def schedule64():
+    """The project's linear schedule (T = 1000), in float64 so that checks can compare to 1e-10."""
+    sched = ddpm.Schedule()
+    sched.beta = torch.linspace(1e-4, 0.02, sched.T, dtype=torch.float64)  # (T,) as in ddpm.Schedule,
+    sched.alpha = 1.0 - sched.beta  # (T,) but kept in float64 instead of rounded to float32
+    sched.alpha_bar = torch.cumprod(sched.alpha, 0)  # (T,)
+    return sched
+
+
+def tiny_unet(seed, img_size=8):
+    """The project's UNet, shrunk to 42k parameters (ch 8, two levels, no attention), float64, eval mode.
+    Checks feed it 8x8 images: a network call costs a few milliseconds on a laptop CPU."""
+    torch.manual_seed(seed)
+    return UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_res=(), dropout=0.0, img_size=img_size).double().eval()
+
+
+def tiny_lora_unet(seed, k):
+    """tiny_unet with k stacked LoRAs (lora.py) on every layer, each with random non-zero weights
+    (B starts at zero in lora.py, which would make every LoRA's gradient path trivially dead)."""
+    unet = tiny_unet(seed)
+    lora.add_lora(unet, rank=2, alpha=2.0, k=k)
+    unet.double()
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for m in lora.lora_layers(unet):
+            for B in m.B:
+                B.weight.copy_(0.05 * torch.randn(B.weight.shape, generator=g, dtype=B.weight.dtype))
+    return unet
+
+
+class TinyEps(nn.Module):
+    """A stand-in eps-network eps(x_t, t): one 3x3 conv plus a timestep-dependent bias, squashed."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1).double()
+        self.temb = nn.Linear(1, 3).double()
+
+    def forward(self, x, t):
+        bias = self.temb(t.double()[:, None] / 1000)[:, :, None, None]  # (B, 3, 1, 1)
+        return torch.tanh(self.conv(x) + bias)  # (B, 3, H, W)
+
+
+def true_eps(sched, x0):
+    """The oracle eps-network for one fixed x_0: eps*(x_t, t) = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t),
+    i.e. Ho et al. 2020 Eq. 4 solved for eps. Its DDIM trajectory passes exactly through q(x_s | x_0)."""
+    def eps(x_t, t):
+        abar_t = sched.abar(t).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        return (x_t - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()  # (B, C, H, W)
+    return eps

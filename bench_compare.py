@@ -2,15 +2,15 @@
 
     python bench_compare.py                 # every method and ablation, 2 seeds, 60 s of training each (CPU: ~20 min)
     python bench_compare.py --quick         # a smoke run: 1 seed, 8 s each, 32 evaluation samples
-    python bench_compare.py --seconds=600 --n_eval=2000 --seeds=0,1,2 --jobs=1   # on a GPU
+    python bench_compare.py --seconds=600 --n_eval=2000 --seeds=0,1,2   # on a GPU (one run at a time)
 
 Needs the trained stages in --out_dir (ddpm, distill, classifier/evaluator: `python train_toy.py`).
 Every run fine-tunes the same base model with the same reward for the same training seconds
-(`--ft_seconds`), in its own folder <out_dir>/compare/seed<S>/<method>, and is scored on DDIM-50
+(`--ft_seconds`), in its own folder <out_dir>/compare/seed<S>/<name>/<method>, and is scored on DDIM-50
 samples of its fine-tuned model from the same fixed noise. Writes <out_dir>/compare/results.md
 and reward_vs_time.png.
 
-Equal compute on a CPU (*choice*): `--jobs=2` runs two fine-tuning processes side by side with one
+Equal compute on a CPU (*choice*): `--jobs=0` (auto) runs two fine-tuning processes side by side with one
 thread each (`--threads`), so every method gets the same one core for the same seconds. The k = 2
 and k = 8 ablations need shortcuts with other segment edges: they are distilled once, starting from
 the k = 4 shortcut (`--distill_init`), for `--k_distill_steps` steps, under <out_dir>/compare/k<k>/.
@@ -30,9 +30,9 @@ import config
 from common import UserError, pick_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULTS = dict(out_dir="out", seconds=60.0, seeds="0,1", n_eval=256, quick=False, device="auto", jobs=2,
+DEFAULTS = dict(out_dir="out", seconds=60.0, seeds="0,1", n_eval=128, quick=False, device="auto", jobs=0,
                 threads=1, methods="shortft,draft,draft_lv,alignprop,full,full_ckpt,shortft_no_tlora,"
-                "shortft_no_ptrain,shortft_k2,shortft_k8", k_distill_steps=100, grad_norms=True, child_mem="")
+                "shortft_no_ptrain,shortft_k2,shortft_k8", k_distill_steps=60, grad_norms=True, child_mem="")
 # name -> the train_toy.py overrides that make it
 RUNS = {"shortft": [], "draft": ["--method=draft"], "draft_lv": ["--method=draft_lv"],
         "alignprop": ["--method=alignprop"], "full": ["--method=full"],
@@ -52,8 +52,10 @@ def method_of(name):
 
 
 def step_memory(name, out_dir, device):
-    """Peak memory of one training step (child process): CUDA max allocated, or the rise of the CPU
-    process's peak RSS over its level after loading everything."""
+    """Peak memory of one training step (stage 0) in a fresh child process: on CUDA the peak allocated
+    above what was allocated before the step; on a CPU the rise of the process's peak RSS in its first
+    step with gradients, over its peak after the same chain ran once without them (the warm-up). The
+    warm-up must not build a graph: its peak would hide the step's (ru_maxrss never goes down)."""
     import train_shortft
     from consistency import load_shortcut
     from rewards import build_reward
@@ -66,8 +68,8 @@ def step_memory(name, out_dir, device):
     ft, sched = train_shortft.build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
     ft.unet.eval()
     x_T = torch.randn(cfg["ft_batch"], 3, 32, 32, device=device)
-    reward(train_shortft.method_chain(cfg, ft, student, sched, x_T, 0)).mean().backward()  # warm-up
-    ft.unet.zero_grad(set_to_none=True)
+    with torch.no_grad():  # warm-up: the same forward calls (buffers, kernels), but no graph kept
+        reward(train_shortft.method_chain(cfg, ft, student, sched, x_T, 0))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -158,29 +160,30 @@ def shortcut_for_k(k, opts, device):
 
 
 def run(name, seed, opts, device):
+    """One fine-tuning run in its own out_dir, <out_dir>/compare/seed<S>/<name>, whose stage folders
+    link to the shared trained ones: runs that train the same method never share a folder."""
     base = os.path.abspath(opts["out_dir"])
     k = k_of(name)
-    out = os.path.join(base, "compare", f"seed{seed}" + (f"_k{k}" if k else ""))
+    out = os.path.join(base, "compare", f"seed{seed}", name)
     os.makedirs(out, exist_ok=True)
     for stage in ("ddpm", "distill", "classifier", "evaluator"):  # the shared, already trained stages
         if not os.path.exists(os.path.join(base, stage, "ckpt.pt")):
             raise UserError(f"{base}/{stage}/ckpt.pt is missing: run `python train_toy.py` first")
-        src = shortcut_for_k(k, opts, device) if stage == "distill" and k else os.path.join(base, stage)
+        src = os.path.join(base, "compare", f"k{k}", stage) if stage == "distill" and k else os.path.join(base, stage)
         if not os.path.exists(os.path.join(out, stage)):
             os.symlink(src, os.path.join(out, stage))
-    run_dir = os.path.join(out, name)
+    run_dir = os.path.join(out, method_of(name))  # where train_shortft writes: <out>/<method>
     args = [f"--out_dir={out}", "--stages=shortft", f"--seed={seed}", f"--ft_seconds={opts['seconds']}",
             f"--n_eval={opts['n_eval']}", f"--device={device.type}", "--ft_ckpt_every=1000000", *RUNS[name]]
     if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
         print(f"[compare] {name}, seed {seed}: {opts['seconds']:.0f} s of training", flush=True)
-        if os.path.isdir(os.path.join(out, method_of(name))):  # a killed run of the same method: start over
-            for f in os.listdir(os.path.join(out, method_of(name))):
-                os.remove(os.path.join(out, method_of(name), f))
+        if os.path.isdir(run_dir):  # a killed run: start it over (a time budget cannot be resumed fairly)
+            for f in os.listdir(run_dir):
+                os.remove(os.path.join(run_dir, f))
         p = subprocess.run([sys.executable, os.path.join(HERE, "train_toy.py"), *args], cwd=HERE,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(opts))
         if p.returncode != 0:
             raise UserError(f"{name}, seed {seed} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
-        os.replace(os.path.join(out, method_of(name)), run_dir)  # the method's folder, named by the run
     with open(os.path.join(run_dir, "metrics.json")) as f:
         m = json.load(f)
     with open(os.path.join(run_dir, "log.csv")) as f:
@@ -189,20 +192,22 @@ def run(name, seed, opts, device):
 
 
 def main(argv):
-    opts = dict(DEFAULTS, **config.parse_overrides(argv, DEFAULTS))
+    given = config.parse_overrides(argv, DEFAULTS)
+    quick = dict(seconds=8.0, seeds="0", n_eval=32, k_distill_steps=4) if given.get("quick") else {}
+    opts = {**DEFAULTS, **quick, **given}  # --quick's smaller sizes, unless given explicitly
     device = pick_device(opts["device"])
     if opts["child_mem"]:
         print(json.dumps(step_memory(opts["child_mem"], opts["out_dir"], device)))
         return
-    if opts["quick"]:
-        opts.update(seconds=8.0, seeds="0", n_eval=32, k_distill_steps=4)
     names = opts["methods"].split(",")
     bad = [n for n in names if n not in RUNS]
     if bad:
         raise UserError(f"unknown method {bad[0]!r}: choose from {', '.join(RUNS)}")
     seeds = [int(s) for s in opts["seeds"].split(",")]
+    if opts["jobs"] == 0:  # auto: two one-thread runs side by side on a CPU, one run at a time on a GPU
+        opts["jobs"] = 2 if device.type == "cpu" else 1
     if opts["jobs"] < 1 or opts["threads"] < 1:
-        raise UserError("--jobs and --threads must be at least 1")
+        raise UserError("--jobs and --threads must be at least 1 (--jobs=0: 2 on a CPU, 1 on a GPU)")
     for k in sorted({k_of(n) for n in names if k_of(n)}):  # the k-ablation shortcuts first (all cores)
         shortcut_for_k(k, opts, device)
     # the runs are independent: --jobs of them at a time, each on --threads threads
@@ -211,23 +216,31 @@ def main(argv):
         results = {n: [futures[n, s].result() for s in seeds] for n in names}
     lines = [f"Equal compute: {opts['seconds']:.0f} s of fine-tuning per run on {device} ({opts['jobs']} runs at a "
              f"time, {opts['threads']} thread(s) each), seeds {seeds}, scored on {opts['n_eval']} DDIM-50 samples of "
-             f"the fine-tuned base model (medians over seeds; gain = after - before).", "",
+             f"the fine-tuned base model (medians over seeds; gain = after - before, per seed in brackets).", "",
              "| method | steps | ms/step | step peak MiB | grad norm (median) | held-out target rate before → after "
-             "| gain | reward after | Fréchet dist. before → after | diversity after |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    gains = {}
-    for n, runs in results.items():
-        med = lambda f: float(np.median([f(m, r) for m, r in runs]))
+             "| gain | held-out log p(target) after | reward after | Fréchet dist. before → after | diversity |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def child_mem(n):  # one training step's peak memory, measured in a fresh process per method
         p = subprocess.run([sys.executable, __file__, f"--child_mem={n}", f"--out_dir={opts['out_dir']}",
                             f"--device={device.type}"], capture_output=True, text=True, cwd=HERE,
                            env=child_env(opts))
-        mem = float(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else float("nan")
+        return float(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else float("nan")
+
+    with ThreadPoolExecutor(opts["jobs"] if device.type == "cpu" else 1) as pool:  # one GPU: one at a time
+        mems = dict(zip(results, pool.map(child_mem, results)))
+    gains = {}
+    for n, runs in results.items():
+        med = lambda f: float(np.median([f(m, r) for m, r in runs]))
+        mem = mems[n]
         b, a = runs[0][0]["before"], lambda m: m["after"]
         gains[n] = med(lambda m, r: a(m)["evaluator_target_rate"] - b["evaluator_target_rate"])
+        per_seed = " ".join(f"{m['after']['evaluator_target_rate'] - b['evaluator_target_rate']:+.3f}" for m, _ in runs)
         lines.append(f"| {n} | {med(lambda m, r: m['steps']):.0f} | {med(lambda m, r: m['ms_per_step_median']):.0f} "
                      f"| {mem:.0f} | {med(lambda m, r: np.median(r[:, 3])):.3g} "
                      f"| {b['evaluator_target_rate']:.3f} → {med(lambda m, r: a(m)['evaluator_target_rate']):.3f} "
-                     f"| {gains[n]:+.3f} | {med(lambda m, r: a(m)['reward_mean']):.3f} "
+                     f"| {gains[n]:+.3f} ({per_seed}) "
+                     f"| {b['evaluator_mean_logp_target']:.2f} → "
+                     f"{med(lambda m, r: a(m)['evaluator_mean_logp_target']):.2f} | {med(lambda m, r: a(m)['reward_mean']):.3f} "
                      f"| {b['fd']:.2f} → {med(lambda m, r: a(m)['fd']):.2f} "
                      f"| {b.get('diversity', float('nan')):.2f} → {med(lambda m, r: a(m).get('diversity', float('nan'))):.2f} |")
     baselines = [n for n in gains if method_of(n) != "shortft"]

@@ -87,3 +87,51 @@ def test_untuned_shortcut_chain_lands_near_the_real_ddim50_x0(pipeline):
     scale = (real.roll(1, 0) - real).pow(2).mean().item()  # two DDIM-50 samples of different noise
     print(f"short chain vs DDIM-50: MSE {mse:.4f}; other-noise samples: {scale:.4f}")
     assert mse < 0.2 * scale, (mse, scale)
+
+
+def test_bench_compare_quick_runs_methods_at_equal_seconds(pipeline, tmp_path):
+    """bench_compare.py --quick on the pipeline's tiny models: ShortFT, DRaFT-1 and the k = 2 ablation
+    (its shortcut re-segmented from the k = 4 one), each for the same training seconds."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out, _ = pipeline
+    for stage in ("ddpm", "distill", "classifier", "evaluator", "cache"):
+        if (out / stage).exists():
+            os.symlink(out / stage, tmp_path / stage)
+    args = [sys.executable, os.path.join(ROOT, "bench_compare.py"), f"--out_dir={tmp_path}", "--quick",
+            "--methods=shortft,draft,shortft_k2", "--seconds=3", "--n_eval=8", "--k_distill_steps=2",
+            "--device=cpu"]
+    p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = (tmp_path / "compare" / "results.md").read_text()
+    for name, method in (("shortft", "shortft"), ("draft", "draft"), ("shortft_k2", "shortft")):
+        assert f"| {name} |" in report
+        run = tmp_path / "compare" / "seed0" / name / method  # each run in its own out_dir
+        m = json.loads((run / "metrics.json").read_text())
+        train_s = sum(np.loadtxt(run / "log.csv", delimiter=",", skiprows=1, ndmin=2)[:, 4]) / 1000
+        assert train_s >= 3 and m["after"]["n_samples"] == 8  # the budget was spent, then scored
+    k2 = torch_load(tmp_path / "compare" / "k2" / "distill" / "ckpt.pt")
+    assert k2["edges"] == [501, 1] and k2["step"] == 2
+    assert "gain / the best baseline's (draft)" in report and "grad norm" in report
+
+
+def torch_load(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("args,needle", [(["--methods=shortft,sgd"], "unknown method 'sgd'"),
+                                         (["--jobs=-1"], "--jobs"), (["--seconds"], "--seconds needs a value")])
+def test_bench_compare_bad_input(args, needle, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench_compare.py"), f"--out_dir={tmp_path}", *args],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -137,6 +137,14 @@ def child_env(opts):
     return dict(os.environ, OMP_NUM_THREADS=str(opts["threads"]), MKL_NUM_THREADS=str(opts["threads"]))
 
 
+def call(args, what, env=None):
+    """Run `python ARGS` from here, quietly; a failure becomes one UserError line (its last stderr line)."""
+    p = subprocess.run([sys.executable, *args], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True, env=env)
+    if p.returncode != 0:
+        raise UserError(f"{what} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+
+
 def shortcut_for_k(k, opts, device):
     """<out_dir>/compare/k<k>/distill: a shortcut with k segments, re-segmented from the k = 4 one."""
     base = os.path.abspath(opts["out_dir"])
@@ -149,13 +157,10 @@ def shortcut_for_k(k, opts, device):
                            weights_only=False)["config"]["data_root"]
     print(f"[compare] the k = {k} shortcut: {opts['k_distill_steps']} steps from the k = 4 one", flush=True)
     # --resume: a complete shortcut is skipped, a killed distillation continues, a missing one starts
-    p = subprocess.run([sys.executable, os.path.join(HERE, "train_toy.py"), "--stages=distill", f"--out_dir={out}",
-                        f"--k_segments={k}", f"--distill_steps={opts['k_distill_steps']}", f"--data_root={data_root}",
-                        f"--distill_init={os.path.join(base, 'distill', 'ckpt.pt')}", f"--device={device.type}",
-                        "--sample_every=1000000", "--resume"], cwd=HERE, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, text=True)
-    if p.returncode != 0:
-        raise UserError(f"distilling the k = {k} shortcut failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+    call([os.path.join(HERE, "train_toy.py"), "--stages=distill", f"--out_dir={out}", f"--k_segments={k}",
+          f"--distill_steps={opts['k_distill_steps']}", f"--data_root={data_root}",
+          f"--distill_init={os.path.join(base, 'distill', 'ckpt.pt')}", f"--device={device.type}",
+          "--sample_every=1000000", "--resume"], f"distilling the k = {k} shortcut")
     return os.path.join(out, "distill")
 
 
@@ -180,10 +185,7 @@ def run(name, seed, opts, device):
         if os.path.isdir(run_dir):  # a killed run: start it over (a time budget cannot be resumed fairly)
             for f in os.listdir(run_dir):
                 os.remove(os.path.join(run_dir, f))
-        p = subprocess.run([sys.executable, os.path.join(HERE, "train_toy.py"), *args], cwd=HERE,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(opts))
-        if p.returncode != 0:
-            raise UserError(f"{name}, seed {seed} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+        call([os.path.join(HERE, "train_toy.py"), *args], f"{name}, seed {seed}", env=child_env(opts))
     with open(os.path.join(run_dir, "metrics.json")) as f:
         m = json.load(f)
     with open(os.path.join(run_dir, "log.csv")) as f:

@@ -202,7 +202,6 @@ def train(cfg, device):
         bar.set_postfix(reward=f"{r.mean().item():.3f}", grad=f"{grad_norm:.2f}", ms=f"{ms:.0f}", stage=stage)
         if cfg["ft_eval_every"] > 0 and step % cfg["ft_eval_every"] == 0 and budget() < 1:
             curve.append(point(step, train_s, evaluate(merge_for_sampling(ft), sched, x_eval, cfg, device)[0]))
-            ft.unet.eval()
             bar.write(f"[shortft] step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curve[-1].items()
                                                             if k not in ("step", "train_s")))
         if step % cfg["ft_ckpt_every"] == 0:

@@ -101,7 +101,7 @@ def test_bench_compare_quick_runs_methods_at_equal_seconds(pipeline, tmp_path):
     for stage in ("ddpm", "shortcut", "classifier", "evaluator", "cache"):
         if (out / stage).exists():
             os.symlink(out / stage, tmp_path / stage)
-    args = [sys.executable, os.path.join(ROOT, "bench_compare.py"), f"--out_dir={tmp_path}", "--quick",
+    args = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_compare.py"), f"--out_dir={tmp_path}", "--quick",
             "--methods=shortft,draft,shortft_k2", "--seconds=3", "--n_eval=8", "--k_shortcut_steps=2",
             "--device=cpu"]
     p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=900)
@@ -132,6 +132,6 @@ def test_bench_compare_bad_input(args, needle, tmp_path):
 
     from conftest import ROOT
 
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench_compare.py"), f"--out_dir={tmp_path}", *args],
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_compare.py"), f"--out_dir={tmp_path}", *args],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr

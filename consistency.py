@@ -1,4 +1,4 @@
-"""Stage 2: the shortcut. Segment-wise consistency distillation of the DDPM into a few-step model.
+"""The shortcut: segment-wise consistency distillation of the DDPM into a few-step model.
 
 ShortFT (PAPER.md Sec. 2) needs a frozen network S(x_t, t -> s) that lands on the *base model's own*
 DDIM trajectory, so that one jump can stand in for many DDIM steps, forward and backward. At SD
@@ -26,27 +26,15 @@ the same thing at toy scale from our own DDPM teacher:
   so they clip x0_hat exactly when the schedule does (--clip_x0, ddpm.py); the student learns the
   trajectory of the sampler the teacher is used with.
 
-Writes <out_dir>/distill/ckpt.pt = {kind: "shortcut", model, ema, target, opt, step, config, rng,
-edges, teacher, elapsed}, <out_dir>/distill/samples_{step}.png (top half: teacher DDIM-50; bottom
-half: the (k+1)-call shortcut sampler, same noise) and <out_dir>/distill/log.csv (step, loss, img/s).
+The training loop is the `shortcut` stage, train_shortcut.py; this module holds the concept only.
 """
-import copy
 import math
-import os
-import sys
-import time
 
 import torch
-from tqdm import tqdm
 
 import ddpm
-from common import (UserError, bf16_autocast, ema_update, load_checkpoint, open_log, rng_state, save_atomic,
-                     save_grid, set_rng_state)
-from data import DeviceBatches, load_cifar10
-from train_ddpm import MODEL_KEYS, load_ddpm
-from unet import build_unet
-
-N_CHAIN = 50  # the chain ShortFT fine-tunes through, and the grid the student is distilled on: DDIM-50
+from ddpm import N_CHAIN  # the chain ShortFT fine-tunes through is the grid the student is distilled on
+from sftlib.common import UserError
 
 
 def segment_edges(T, n_steps, k):
@@ -164,133 +152,3 @@ def shortcut_sample(student, sched, x_T, edges):
         x = jump(student, sched, x, t, s) if s < t else x  # an edge at 981 itself (k = 50) costs nothing
         t = s
     return x
-
-
-def load_shortcut(path, device, use_ema=True):
-    """(student, schedule, config, edges) from a shortcut checkpoint: frozen and in eval mode, ready to
-    be used as the shortcut inside a fine-tuning chain. The EMA weights unless use_ema=False. The
-    schedule clips x0_hat (or not) as during distillation: jump with it to stay on that trajectory."""
-    ckpt = load_checkpoint(path, "shortcut")
-    cfg = ckpt["config"]
-    student = build_unet(cfg)
-    try:
-        student.load_state_dict(ckpt["ema" if use_ema else "model"])
-    except RuntimeError:
-        raise UserError(f"{path}: weights do not match the UNet its config describes") from None
-    sched = ddpm.Schedule(cfg["T"], cfg["beta_1"], cfg["beta_T"], device, cfg.get("clip_x0", True))
-    return student.to(device).eval().requires_grad_(False), sched, cfg, list(ckpt["edges"])
-
-
-@torch.no_grad()  # sampling grids for a look: no gradients needed
-def sample_grid(teacher, student, sched, x_T, edges, path):
-    """Top half: the teacher's DDIM-50 samples; bottom half: the shortcut sampler on the same noise."""
-    x_teacher = ddpm.ddim_sample(teacher, sched, x_T, ddpm.ddim_timesteps(sched.T, N_CHAIN))  # (B, 3, 32, 32)
-    save_grid(torch.cat([x_teacher, shortcut_sample(student, sched, x_T, edges)]), path)
-
-
-def train(cfg, device):
-    out = os.path.join(cfg["out_dir"], "distill")
-    ckpt_path = os.path.join(out, "ckpt.pt")
-    teacher_path = os.path.join(cfg["out_dir"], "ddpm", "ckpt.pt")
-    if not os.path.isfile(teacher_path):
-        raise UserError(f"[distill] no teacher at {teacher_path}: run the ddpm stage first "
-                        f"(python train_toy.py --stages=ddpm --out_dir={cfg['out_dir']})")
-    teacher, sched, teacher_cfg = load_ddpm(teacher_path, device)  # the DDPM's EMA weights
-    teacher.requires_grad_(False)
-    edges = segment_edges(sched.T, N_CHAIN, cfg["k_segments"])
-    for key, allowed in (("cd_loss", ("l2", "huber")), ("teacher_solver", ("ddim", "heun"))):
-        if cfg[key] not in allowed:
-            raise UserError(f"--{key} must be {' or '.join(allowed)}, got {cfg[key]!r}")
-    if not 0 <= cfg["teacher_chain_frac"] <= 1:
-        raise UserError(f"--teacher_chain_frac must be in [0, 1], got {cfg['teacher_chain_frac']}")
-    cfg.update({k: teacher_cfg[k] for k in MODEL_KEYS})  # the student is the teacher's UNet
-
-    student = copy.deepcopy(teacher).requires_grad_(True)  # initialised from the teacher (Song et al. 2023)
-    if cfg["distill_init"]:  # *choice* for ablations: re-segment a distilled shortcut (e.g. k = 4 -> 8) briefly
-        init = load_checkpoint(cfg["distill_init"], "shortcut")
-        try:
-            student.load_state_dict(init["ema"])
-        except RuntimeError:
-            raise UserError(f"--distill_init={cfg['distill_init']} is a shortcut of another UNet than the teacher") from None
-    opt = torch.optim.Adam(student.parameters(), lr=cfg["distill_lr"])
-    step, elapsed = 0, 0.0
-    if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, "shortcut")
-        if ckpt["step"] >= ckpt["config"]["distill_steps"] and ckpt["step"] >= cfg["distill_steps"]:
-            print(f"[distill] {ckpt_path} is complete ({ckpt['step']} steps): skipping the stage")
-            return ckpt_path
-        if not cfg["resume"]:
-            raise UserError(f"{ckpt_path} holds an unfinished run (step {ckpt['step']}): "
-                            f"pass --resume to continue it, or choose another --out_dir")
-        if list(ckpt["edges"]) != edges:
-            raise UserError(f"cannot resume {ckpt_path}: it was distilled with edges {ckpt['edges']}, not {edges}")
-        cfg.update({k: v for k, v in ckpt["config"].items() if k not in ("distill_steps", "resume", "device")})
-        student.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        step, elapsed = ckpt["step"], ckpt["elapsed"]
-        print(f"[distill] resuming {ckpt_path} from step {step} (with fresh teacher chains)")
-    sched.clip_x0 = cfg["clip_x0"]  # teacher steps and jumps clip x0_hat as this run says (ddpm.py)
-    target = copy.deepcopy(student).eval().requires_grad_(False)  # the target network phi^- of CD
-    ema = copy.deepcopy(student).eval().requires_grad_(False)  # a slower average, the weights we sample
-    if step > 0:
-        target.load_state_dict(ckpt["target"])
-        ema.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"])
-
-    x, y = load_cifar10(cfg["data_root"], "train", cfg["n_train"], os.path.join(cfg["out_dir"], "cache"))
-    data = DeviceBatches(x, y, device)
-    print(f"[distill] k={cfg['k_segments']} segments, edges {edges}; {cfg['distill_steps']} steps of batch "
-          f"{cfg['distill_batch']}, {cfg['cd_loss']} loss, {cfg['teacher_solver']} teacher, on {device}")
-    g = torch.Generator().manual_seed(1234)  # fixed noise for the grids, the same after a resume
-    x_T = torch.randn(16, 3, 32, 32, generator=g).to(device)  # (16, 3, 32, 32)
-
-    m = round(cfg["teacher_chain_frac"] * cfg["distill_batch"])  # batch rows on the teacher's own chains
-    chains = TeacherChains(teacher, sched, m, device) if m > 0 else None
-    net = torch.compile(student) if cfg["compile"] and device.type == "cuda" else student
-    autocast = bf16_autocast(cfg, device)
-    log, new_log = open_log(out, "step,loss,img_per_s", fresh=step == 0)
-    if new_log:
-        # step 0: the student is still the teacher, so this grid shows the naive k-jump DDIM sampler
-        sample_grid(teacher, ema, sched, x_T, edges, os.path.join(out, "samples_0.png"))
-
-    def save():
-        save_atomic(dict(kind="shortcut", model=student.state_dict(), ema=ema.state_dict(),
-                         target=target.state_dict(), opt=opt.state_dict(), step=step, config=dict(cfg),
-                         rng=rng_state(), edges=edges, teacher=teacher_path, elapsed=elapsed), ckpt_path)
-
-    student.train()
-    bar = tqdm(file=sys.stdout, total=cfg["distill_steps"], initial=step, desc="distill", dynamic_ncols=True, mininterval=1.0)
-    t_last, loss_sum, n_sum = time.time(), 0.0, 0
-    while step < cfg["distill_steps"]:
-        t0 = time.time()
-        x0, _ = data.sample(cfg["distill_batch"] - m)  # (B - m, 3, 32, 32) in [-1, 1]
-        with autocast:
-            loss = cd_loss(net, target, teacher, sched, x0, edges, cfg["cd_loss"], cfg["teacher_solver"], chains)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg["grad_clip"])
-        opt.step()
-        step += 1
-        ema_update(target, student, cfg["cd_target_ema"])  # phi^- <- mu phi^- + (1 - mu) phi (Alg. 2)
-        ema_update(ema, student, min(cfg["distill_ema"], (1 + step) / (10 + step)))  # with warmup, as the DDPM's
-        loss_val = loss.item()
-        if not math.isfinite(loss_val):
-            raise UserError(f"[distill] loss became {loss_val} at step {step}; the last good checkpoint "
-                            f"is kept at {ckpt_path}: lower --distill_lr and --resume")
-        elapsed += time.time() - t0
-        loss_sum, n_sum = loss_sum + loss_val, n_sum + 1
-        bar.update(1)
-        if step % cfg["log_every"] == 0 or step == cfg["distill_steps"]:
-            ips = n_sum * cfg["distill_batch"] / (time.time() - t_last)
-            bar.set_postfix(loss=f"{loss_sum / n_sum:.5f}", img_s=f"{ips:.0f}")
-            log.write(f"{step},{loss_sum / n_sum:.6f},{ips:.1f}\n")
-            log.flush()
-            t_last, loss_sum, n_sum = time.time(), 0.0, 0
-        if step % cfg["sample_every"] == 0 or step == cfg["distill_steps"]:
-            sample_grid(teacher, ema, sched, x_T, edges, os.path.join(out, f"samples_{step}.png"))
-        if step % cfg["ckpt_every"] == 0 or step == cfg["distill_steps"]:
-            save()
-    bar.close()
-    log.close()
-    print(f"[distill] done: {step} steps in {elapsed / 60:.1f} min of training; checkpoint {ckpt_path}")
-    return ckpt_path

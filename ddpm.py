@@ -15,6 +15,8 @@ Conventions, stated once here and pinned by tests/test_ddpm.py:
 """
 import torch
 
+from sftlib.common import UserError
+
 
 class Schedule:
     """Linear beta schedule (Ho et al. 2020, Sec. 4: T = 1000, beta from 1e-4 to 0.02)."""
@@ -72,7 +74,7 @@ def ddim_step(sched, x_t, eps, t, s, eta=0.0, noise=None):
     eta = 0 is the deterministic DDIM (probability-flow ODE, Euler in the right variables);
     eta = 1 with s = t - 1 is DDPM's ancestral step. s = -1 lands on x_0. t, s: int or (B,)."""
     abar_t, abar_s = _bcast(sched.abar(t), x_t), _bcast(sched.abar(s), x_t)  # (B, 1, 1, 1)
-    x0_hat = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()  # (B, C, H, W)
+    x0_hat = predict_x0(sched, x_t, t, eps)  # (B, C, H, W)
     if sched.clip_x0:  # see the module docstring: x0_hat into [-1, 1], eps consistent with it
         x0_hat = x0_hat.clamp(-1, 1)
         eps = (x_t - abar_t.sqrt() * x0_hat) / (1 - abar_t).sqrt()
@@ -90,7 +92,7 @@ def ddpm_step(sched, x_t, eps, t, noise=None):
     alpha_t, beta_t = sched.alpha[t], sched.beta[t]
     abar_t, abar_prev = sched.abar(t), sched.abar(t - 1)
     if sched.clip_x0:  # the same x0-clipping as in ddim_step: the posterior mean of the clipped x0_hat
-        x0_hat = ((x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()).clamp(-1, 1)
+        x0_hat = predict_x0(sched, x_t, t, eps).clamp(-1, 1)
         eps = (x_t - abar_t.sqrt() * x0_hat) / (1 - abar_t).sqrt()
     mean = (x_t - beta_t / (1 - abar_t).sqrt() * eps) / alpha_t.sqrt()
     if t == 0:
@@ -99,11 +101,14 @@ def ddpm_step(sched, x_t, eps, t, noise=None):
     return mean + sigma * (torch.randn_like(x_t) if noise is None else noise)
 
 
+N_CHAIN = 50  # the chain ShortFT fine-tunes through, distils on and samples with: DDIM-50 (PAPER.md Sec. 3)
+
+
 def ddim_timesteps(T, steps, offset=1):
     """The DDIM sub-sequence, "leading" spacing as in Stable Diffusion: for T = 1000 and 50 steps,
     981, 961, ..., 21, 1 (the timesteps PAPER.md Sec. 3 names). Returns a descending list."""
     if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+        raise UserError(f"--steps must be in [1, {T}] for a DDIM chain of T = {T}, got {steps}")
     stride = T // steps
     return [i * stride + min(offset, stride - 1) for i in reversed(range(steps))]
 

@@ -8,15 +8,16 @@ The sign convention, stated once here and pinned by tests/test_rewards.py:
 Rewards are chosen by a spec string (`--reward=...`):
     brightness                          mean intensity in [0, 1]
     brightness:0.8                      -(mean intensity - 0.8)^2: aim for a brightness level
-    classifier:ship                     log p(ship | x) from the reward classifier (classifier.py)
+    classifier:ship                     log p(ship | x) from the reward classifier (sftlib/nets.py)
     0.7*classifier:ship+0.3*brightness  a weighted sum of terms (the paper's headline reward is one)
 """
 import os
 
 import torch
 
-from common import UserError
-from data import CLASSES
+from sftlib.common import UserError
+from sftlib.data import CLASSES
+from sftlib.nets import load_classifier
 
 
 class Reward:
@@ -106,8 +107,6 @@ class ClassifierReward:
 
 
 def _make_classifier(target, out_dir, device):
-    from classifier import load_classifier  # lazy: brightness alone needs no classifier
-
     path = os.path.join(out_dir, "classifier", "ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"the classifier reward needs {path}: train it first with "
@@ -126,10 +125,12 @@ REGISTRY = {
 }
 
 
-def parse_reward_spec(spec):
-    """'0.7*classifier:ship+0.3*brightness' -> [(0.7, 'classifier', 8), (0.3, 'brightness', None)]."""
+def parse_reward_spec(spec, registry=None):
+    """'0.7*classifier:ship+0.3*brightness' -> [(0.7, 'classifier', 8), (0.3, 'brightness', None)].
+    The one parser of reward specs: the SD path passes its own registry (sftlib/sd_rewards.py)."""
+    registry = REGISTRY if registry is None else registry
     if not spec or not spec.strip():
-        raise UserError(f"empty reward spec: use one of {', '.join(REGISTRY)}, e.g. classifier:ship")
+        raise UserError(f"empty reward spec: use one of {', '.join(registry)}, e.g. {next(iter(registry))}")
     terms = []
     for term in spec.replace(" ", "").split("+"):
         weight, star, body = term.rpartition("*")
@@ -138,13 +139,13 @@ def parse_reward_spec(spec):
                 w = float(weight)
             except ValueError:
                 raise UserError(f"reward weight {weight!r} in {spec!r} is not a number "
-                                f"(write e.g. 0.7*classifier:ship+0.3*brightness)") from None
+                                f"(write e.g. 0.7*{next(iter(registry))}+0.3*brightness)") from None
         else:
             w = 1.0
         name, colon, arg = body.partition(":")
-        if name not in REGISTRY:
-            raise UserError(f"unknown reward {name!r} in {spec!r}: use one of {', '.join(REGISTRY)}")
-        parse, _ = REGISTRY[name]
+        if name not in registry:
+            raise UserError(f"unknown reward {name!r} in {spec!r}: use one of {', '.join(registry)}")
+        parse, _ = registry[name]
         terms.append((w, name, parse(arg if colon else None)))
     return terms
 

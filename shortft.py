@@ -8,7 +8,7 @@ the edges s_j (k = 4: 761, 501, 261, 1). One ShortFT sample, as in the diagram o
         --[shortcut 481->261]--> x_261 --(base step at 261, LoRA 1+2+3)--> x_241
         --[shortcut 241->1  ]--> x_1   --(base step at 1, LoRA 1+2+3+4)--> x_0 --> r(x_0)
 
-- The shortcut (consistency.py) is frozen; the gradient passes through its input x_t.
+- The shortcut (consistency.py, trained by train_shortcut.py) is frozen; the gradient passes through its input x_t.
 - The gradient reaches the base model's trainable LoRA through ~2k network calls instead of 50.
 - Timestep-aware LoRA (T-LoRA): k LoRAs, LoRA j stacked on LoRA j-1 (lora.py), used from its
   segment's last timestep on (FineTuned.stack); the same rule holds at inference.
@@ -23,15 +23,15 @@ import torch.utils.checkpoint
 
 import ddpm
 from consistency import jump
-from common import UserError
-from lora import lora_params, set_active
+from sftlib.common import UserError
+from sftlib.lora import lora_layers, lora_params, merged, set_active
 
 
 def segment_groups(timesteps, edges):
     """Split a descending chain of timesteps into segments that each end at an edge:
     981..1 with edges [761, 501, 261, 1] -> [[981..761], [741..501], [481..261], [241..1]]."""
     if edges[-1] != timesteps[-1] or not set(edges) <= set(timesteps):
-        raise ValueError(f"edges {edges} must lie on the chain and end at its last timestep {timesteps[-1]}")
+        raise UserError(f"edges {edges} must lie on the chain and end at its last timestep {timesteps[-1]}")
     groups, cur = [], []
     for t in timesteps:
         cur.append(t)
@@ -117,8 +117,6 @@ def shortft_chain(model, student, sched, x_T, groups, stage=0):
 def merge_for_sampling(ft):
     """The same eps-predictor with each segment's LoRA stack merged into plain UNet weights: one UNet
     per segment (T-LoRA) or a single one, so inference costs what the base model costs."""
-    from lora import lora_layers, merged
-
     if not lora_layers(ft.unet):  # full fine-tuning: nothing to merge
         return ft.unet
     if not ft.tlora:

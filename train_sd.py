@@ -4,7 +4,7 @@
     python train_sd.py sample --sd_path=DIR --lora_dir=out/sd/lora --prompts=prompts.txt   # DDIM-50
     torchrun --nproc_per_node=2 train_sd.py ...        # or: accelerate launch --multi_gpu train_sd.py ...
 
-The chain is shortft.shortft_chain, unchanged (sd.py adapts SD to it): DDIM-50 "leading" timesteps
+The chain is shortft.shortft_chain, unchanged (sftlib/sd.py adapts SD to it): DDIM-50 "leading" timesteps
 981..1 in k = 4 segments with edges 761, 501, 261, 1; trainable T-LoRA (peft adapters lora1..lora4)
 on the base UNet; the few-step LoRA (adapter "shortcut", frozen) jumps 741->501, 481->261, 241->1.
 Writes <out_dir>/config.json, <out_dir>/log.csv and <out_dir>/lora/lora<j>/ (diffusers LoRA format)
@@ -17,13 +17,16 @@ samples its own prompts and noise; the LoRA gradients are averaged over processe
 import json
 import os
 import random
-import sys
 import time
 
 import torch
 
-import config
-from common import UserError, pick_device, save_grid, seed_all
+import ddpm
+from consistency import segment_edges
+from ddpm import N_CHAIN  # fine-tune through DDIM-50, sample with DDIM-50
+from sftlib import config, sd, sd_rewards
+from sftlib.common import UserError, pick_device, run_main, save_grid, seed_all
+from shortft import segment_groups, shortft_chain
 
 DEFAULTS = dict(
     sd_path="stable-diffusion-v1-5/stable-diffusion-v1-5",  # a hub id or a local diffusers folder
@@ -58,7 +61,6 @@ SAMPLE_DEFAULTS = dict(sd_path=DEFAULTS["sd_path"], lora_dir="out/sd/lora", prom
                        resolution=512, seed=0, out="out/sd/samples", device="auto", bf16=True)
 PROMPTS = ["a photo of a cat", "a photo of a dog", "a red bicycle in the street", "a bowl of fruit on a table",
            "a lighthouse at sunset", "a horse in a meadow", "a cup of coffee", "a castle on a hill"]
-N_CHAIN = 50  # fine-tune through DDIM-50, sample with DDIM-50
 
 
 def load_prompts(path):
@@ -92,11 +94,6 @@ def setup(cfg):
 def build(cfg, device, bf16, names_or_dir):
     """The pipeline and its UNet as shortft.py's eps-predictors (sd.SDFineTuned) and schedule. names_or_dir:
     an int k (fresh trainable T-LoRA, training), a lora dir written by `train` (sampling), or "" (no LoRA)."""
-    import ddpm
-    import sd
-    from consistency import segment_edges
-    from shortft import segment_groups
-
     pipe = sd.load_pipeline(cfg["sd_path"], device, torch.bfloat16 if bf16 else torch.float32)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else None
     if isinstance(names_or_dir, int):
@@ -137,9 +134,6 @@ def average_gradients(params, world):
 
 
 def train(cfg):
-    import sd
-    from shortft import shortft_chain
-
     device, rank, world, bf16 = setup(cfg)
     main = rank == 0
     prompts = load_prompts(cfg["prompts"])
@@ -147,7 +141,7 @@ def train(cfg):
     seed_all(cfg["seed"])  # the same LoRA initialisation in every process
     pipe, ft, sched = build(cfg, device, bf16, cfg["k_segments"])
     sd.load_lora(pipe, cfg["shortcut"], "shortcut", "--shortcut", cfg["shortcut_weight"])
-    reward = sd.build_reward(cfg["reward"], device, cfg["clip_path"], cfg["aesthetic_path"])
+    reward = sd_rewards.build_reward(cfg["reward"], device, cfg["clip_path"], cfg["aesthetic_path"])
     params = [p for name in ft.names for p in sd.adapter_params(pipe.unet, name)]
     opt = torch.optim.Adam(params, lr=cfg["lr"])
     if world > 1:  # every process starts from rank 0's LoRA (the seed makes them equal already; this makes sure)
@@ -207,8 +201,6 @@ def train(cfg):
 
 def save(unet, ft, out_dir):
     """Every adapter in diffusers' LoRA format, and tlora.json: which ones are on at which timestep."""
-    import sd
-
     lora_dir = os.path.join(out_dir, "lora")
     sd.save_lora(unet, ft.names, lora_dir)
     with open(os.path.join(lora_dir, "tlora.json"), "w") as f:
@@ -218,9 +210,6 @@ def save(unet, ft, out_dir):
 
 def sample(opts):
     """Render the prompts with the fine-tuned base model's long chain (DDIM-50, no shortcut) to PNGs."""
-    import ddpm
-    import sd
-
     device = pick_device(opts["device"])
     bf16 = opts["bf16"] and device.type == "cuda"
     prompts = load_prompts(opts["prompts"])
@@ -246,16 +235,14 @@ def sample(opts):
 
 
 def main(argv):
-    import sd  # light: the heavy extras are imported inside its functions
-
     if argv and argv[0] == "sample":
         opts = dict(SAMPLE_DEFAULTS)
-        opts.update(config.parse_overrides(argv[1:], SAMPLE_DEFAULTS))
+        opts.update(config.parse_overrides(argv[1:], SAMPLE_DEFAULTS, prog="train_sd.py sample", description=sample.__doc__))
         print("config:", " ".join(f"{k}={v}" for k, v in opts.items()))
         sd.check_sd_path(opts["sd_path"])
         return sample(opts)
     cfg = dict(DEFAULTS)
-    cfg.update(config.parse_overrides(argv, DEFAULTS))
+    cfg.update(config.parse_overrides(argv, DEFAULTS, description=__doc__))
     if int(os.environ.get("RANK", "0")) == 0:
         print("config:", " ".join(f"{k}={v}" for k, v in cfg.items()))
     for key in ("steps", "batch", "k_segments", "lora_rank", "save_every"):
@@ -267,15 +254,14 @@ def main(argv):
     return train(cfg)
 
 
-if __name__ == "__main__":
-    try:
-        import importlib.util
+def check_extras():
+    """The SD path needs its extras; without them, one line saying how to get them."""
+    import importlib.util
 
-        missing = [m for m in ("diffusers", "transformers", "peft") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise UserError(f"the SD path needs its extras ({', '.join(missing)} missing): "
-                            f"pip install -r requirements-sd.txt")
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    missing = [m for m in ("diffusers", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"the SD path needs its extras ({', '.join(missing)} missing): pip install -r requirements-sd.txt")
+
+
+if __name__ == "__main__":
+    run_main(lambda argv: (check_extras(), main(argv)))

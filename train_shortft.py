@@ -1,12 +1,16 @@
-"""Stage 4: fine-tune the base DDPM against a reward through the shortcut chain (shortft.py).
+"""Stage `shortft`: fine-tune the base DDPM against a reward through the shortcut chain (shortft.py).
 
-Reads <out_dir>/ddpm/ckpt.pt (the base), <out_dir>/distill/ckpt.pt (the frozen shortcut) and the
+Reads <out_dir>/ddpm/ckpt.pt (the base), <out_dir>/shortcut/ckpt.pt (the frozen shortcut) and the
 reward's classifier. With --method=draft|draft_lv|alignprop|full the same loop runs a baseline's
-long chain instead (shortft.py), writing under <out_dir>/<method>/. Writes <out_dir>/shortft/: ckpt.pt (kind "shortft": {unet, opt, step, config,
-rng, before, history, ...}), lora.pt (the LoRA weights alone), before_after.png (DDIM-50 samples of
+long chain instead (shortft.py), writing under <out_dir>/<method>/. Writes <out_dir>/shortft/:
+ckpt.pt (kind "shortft": {unet, opt, step, config, rng, before, history, ...}, the resume checkpoint),
+lora.safetensors (the LoRA weights alone, with the config, base and edges in the metadata: for
+sharing), before_after.png (DDIM-50 samples of
 the base model, then of the fine-tuned one, from the same noise), reward.png (reward vs step),
 log.csv, eval.csv (held-out scores at the start, every --ft_eval_every steps, and at the end) and
 metrics.json (held-out evaluator, Fréchet distance and diversity before/after).
+
+    python train_shortft.py --method=draft    # this stage alone (= python train_toy.py --stages=shortft)
 """
 import hashlib
 import json
@@ -14,43 +18,21 @@ import math
 import os
 import re
 import resource
-import sys
 import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import ddpm
-import lora
-from common import UserError, load_checkpoint, rng_state, save_atomic, save_grid, set_rng_state, to_uint8
-from shortft import (FineTuned, alignprop_chain, draft_chain, draft_lv_chain, full_chain, merge_for_sampling,
-                     segment_groups, set_stage, shortft_chain)
-from train_ddpm import load_ddpm
-
-N_CHAIN = 50  # fine-tune through DDIM-50; evaluate on DDIM-50 of the fine-tuned base model
-
-
-def build_finetuned(cfg, base_path, shortcut_edges, device):
-    """The base UNet (EMA weights) with LoRA (or fully trainable), wrapped as a FineTuned eps-predictor."""
-    unet, sched, _ = load_ddpm(base_path, device)
-    groups = segment_groups(ddpm.ddim_timesteps(sched.T, N_CHAIN), list(shortcut_edges))
-    if cfg["full_ft"]:
-        unet.requires_grad_(True)
-    else:
-        tlora = cfg["tlora"] and cfg["method"] == "shortft"  # the baselines train one plain LoRA
-        lora.add_lora(unet, cfg["lora_rank"], cfg["lora_alpha"], len(groups) if tlora else 1,
-                      cfg["lora_targets"])
-        unet.to(device)
-    return FineTuned(unet, groups, tlora=cfg["tlora"] and not cfg["full_ft"] and cfg["method"] == "shortft"), sched
-
-
-def load_finetuned(path, device):
-    """(eps-predictor with merged weights, schedule) from a shortft checkpoint, for `sample`."""
-    ckpt = load_checkpoint(path, "shortft")
-    ft, sched = build_finetuned(ckpt["config"], ckpt["base"], ckpt["edges"], device)
-    ft.unet.load_state_dict(ckpt["unet"])
-    return merge_for_sampling(ft), sched
+from ddpm import N_CHAIN  # fine-tune through DDIM-50; evaluate on DDIM-50 of the fine-tuned base model
+from rewards import build_reward, parse_reward_spec, reward_loss
+from shortft import (alignprop_chain, draft_chain, draft_lv_chain, full_chain, merge_for_sampling, set_stage,
+                     shortft_chain)
+from sftlib import lora
+from sftlib.common import UserError, export_safetensors, plot_lines, save_grid, set_rng_state, to_uint8
+from sftlib.metrics import evaluate_samples
+from sftlib.models import build_finetuned, load_ddpm, load_shortcut
+from sftlib.stage import Stage, run_alone
 
 
 @torch.no_grad()  # evaluation samples: no graph
@@ -60,9 +42,7 @@ def ddim50(model, sched, x_T, batch=256):
 
 
 def evaluate(model, sched, x_T, cfg, device):
-    """Held-out metrics of the DDIM-50 samples of `model` from the fixed noise x_T (evaluate.py)."""
-    from evaluate import evaluate_samples
-
+    """Held-out metrics of the DDIM-50 samples of `model` from the fixed noise x_T (sftlib/metrics.py)."""
     x0 = ddim50(model, sched, x_T)
     target = re.search(r"classifier:(\w+)", cfg["reward"])
     m = evaluate_samples(to_uint8(x0), cfg["out_dir"], device, target=target.group(1) if target else None,
@@ -97,8 +77,6 @@ def check_method(cfg):
         raise UserError(f"--lv_n must be at least 1, got {cfg['lv_n']}")
     if not 0 <= cfg["alignprop_min"] <= cfg["alignprop_max"] < N_CHAIN:
         raise UserError(f"need 0 <= --alignprop_min <= --alignprop_max < {N_CHAIN}")
-    from rewards import parse_reward_spec
-
     parse_reward_spec(cfg["reward"])  # a typo in --reward fails here, before any checkpoint is read
 
 
@@ -108,26 +86,35 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS (Linux: KiB)
 
 
-def train(cfg, device):
-    from consistency import load_shortcut
-    from rewards import build_reward
+def base_scores(ft, sched, x_eval, cfg, base_path, device):
+    """The base model's held-out scores (the LoRA starts at zero, so ft is the base): the same for every
+    method and seed, so they are cached beside the base checkpoint, valid while its inputs stay the same."""
+    stamp = [cfg["reward"], cfg["n_eval"], os.path.getmtime(base_path),
+             os.path.getmtime(os.path.join(cfg["out_dir"], "evaluator", "ckpt.pt"))]
+    cache = os.path.join(os.path.dirname(base_path), "before_" + hashlib.sha1(str(stamp).encode()).hexdigest()[:10] + ".json")
+    if os.path.isfile(cache):
+        with open(cache) as f:
+            return json.load(f)
+    print(f"[shortft] evaluating the base model: DDIM-50 samples of {cfg['n_eval']} fixed noises")
+    before, _ = evaluate(ft, sched, x_eval, cfg, device)
+    with open(cache, "w") as f:
+        json.dump(before, f)
+    return before
 
-    out = os.path.join(cfg["out_dir"], cfg["method"])  # out/shortft, or out/draft, ... for a baseline
-    ckpt_path = os.path.join(out, "ckpt.pt")
+
+def train(cfg, device):
+    out_name = cfg["method"]  # out/shortft, or out/draft, ... for a baseline
     base_path = os.path.join(cfg["out_dir"], "ddpm", "ckpt.pt")
-    shortcut_path = os.path.join(cfg["out_dir"], "distill", "ckpt.pt")
+    shortcut_path = os.path.join(cfg["out_dir"], "shortcut", "ckpt.pt")
     check_method(cfg)
-    for path, stage in ((base_path, "ddpm"), (shortcut_path, "distill")):
+    for path, name in ((base_path, "ddpm"), (shortcut_path, "shortcut")):
         if not os.path.isfile(path):
-            raise UserError(f"ShortFT needs {path}: run the {stage} stage first (--stages={stage})")
-    ckpt = load_checkpoint(ckpt_path, "shortft") if os.path.exists(ckpt_path) else None
-    if ckpt and ckpt["done"]:
-        print(f"[shortft] {ckpt_path} is complete ({ckpt['step']} steps): skipping the stage")
-        return ckpt_path
-    if ckpt and not cfg["resume"]:
-        raise UserError(f"{ckpt_path} holds an unfinished run (step {ckpt['step']}): "
-                        f"pass --resume to continue it, or choose another --out_dir")
-    if ckpt:
+            raise UserError(f"ShortFT needs {path}: run the {name} stage first (--stages={name})")
+    stage = Stage(cfg, out_name, kind="shortft", steps=cfg["ft_steps"])
+    ckpt = stage.resume_or_skip(complete=lambda c: c["done"])
+    if stage.skipped:
+        return stage.ckpt_path
+    if ckpt is not None:
         cfg.update({k: v for k, v in ckpt["config"].items() if k not in ("resume", "device")})
 
     student, _, _, edges = load_shortcut(shortcut_path, device)
@@ -138,78 +125,67 @@ def train(cfg, device):
     opt = torch.optim.Adam(params, lr=cfg["ft_lr"])
     g = torch.Generator().manual_seed(4321)  # the fixed evaluation noise: same before and after
     x_eval = torch.randn(cfg["n_eval"], 3, 32, 32, generator=g).to(device)  # (n_eval, 3, 32, 32)
-    step, history, curve, train_s, done = 0, [], [], 0.0, False
-    if ckpt:
+    step, history, curve, train_s = 0, [], [], 0.0
+    if ckpt is not None:
         ft.unet.load_state_dict(ckpt["unet"])
         opt.load_state_dict(ckpt["opt"])
         set_rng_state(ckpt["rng"])
-        step, history, before, train_s = ckpt["step"], ckpt["history"], ckpt["before"], ckpt["train_s"]
-        curve = ckpt.get("curve", [])
-        print(f"[shortft] resuming {ckpt_path} from step {step}")
-    else:  # the base model's scores: the same for every method and seed, so kept beside the base checkpoint
-        stamp = [cfg["reward"], cfg["n_eval"], os.path.getmtime(base_path),  # valid while these stay the same
-                 os.path.getmtime(os.path.join(cfg["out_dir"], "evaluator", "ckpt.pt"))]
-        cache = os.path.join(os.path.dirname(base_path), "before_" + hashlib.sha1(str(stamp).encode()).hexdigest()[:10] + ".json")
-        if os.path.isfile(cache):
-            with open(cache) as f:
-                before = json.load(f)
-        else:
-            print(f"[shortft] evaluating the base model: DDIM-50 samples of {cfg['n_eval']} fixed noises")
-            before, _ = evaluate(ft, sched, x_eval, cfg, device)  # the LoRA starts at zero: this is the base
-            with open(cache, "w") as f:
-                json.dump(before, f)
+        step, history, before, train_s, curve = ckpt["step"], ckpt["history"], ckpt["before"], ckpt["train_s"], ckpt["curve"]
+    else:
+        before = base_scores(ft, sched, x_eval, cfg, base_path, device)
     ft.unet.eval()  # no dropout while fine-tuning: the chain must be a deterministic function of x_T
-    n_train = sum(p.numel() for p in params)
     what = "full fine-tuning" if cfg["full_ft"] else f"LoRA rank {cfg['lora_rank']}"
     print(f"[shortft] {cfg['reward']}: {k} segments {[gr[-1] for gr in ft.groups]}, {what} "
-          f"({n_train / 1e6:.3f}M trainable), T-LoRA {ft.tlora}, progressive {cfg['progressive']}")
+          f"({sum(p.numel() for p in params) / 1e6:.3f}M trainable), T-LoRA {ft.tlora}, progressive {cfg['progressive']}")
 
-    def save():
-        state = dict(kind="shortft", unet=ft.unet.state_dict(), opt=opt.state_dict(), step=step, done=done,
-                     train_s=train_s, config=dict(cfg), rng=rng_state(), before=before, history=history, curve=curve,
-                     base=base_path, edges=list(edges))
-        save_atomic(state, ckpt_path)
-        if not cfg["full_ft"]:
-            save_atomic(dict(kind="lora", lora=lora.lora_state(ft.unet), config=dict(cfg), base=base_path,
-                             edges=list(edges)), os.path.join(out, "lora.pt"))
+    def save(done):
+        stage.save(unet=ft.unet.state_dict(), opt=opt.state_dict(), step=step, done=done, train_s=train_s,
+                   before=before, history=history, curve=curve, base=base_path, edges=list(edges))
 
-    os.makedirs(out, exist_ok=True)
     # the budget: ft_steps steps, or ft_seconds of training time when that is set (equal compute)
     budget = (lambda: train_s / cfg["ft_seconds"]) if cfg["ft_seconds"] > 0 else (lambda: step / cfg["ft_steps"])
-    bar = tqdm(file=sys.stdout, total=cfg["ft_steps"] if cfg["ft_seconds"] <= 0 else None, initial=step, desc=cfg["method"],
-               dynamic_ncols=True, mininterval=1.0)
+    stage.start(step, total=cfg["ft_steps"] if cfg["ft_seconds"] <= 0 else None)
     while budget() < 1:
         t0 = time.time()
         # P-Training: the budget is split into k equal stages; without it, always stage 0 (the diagram)
-        stage = min(k - 1, int(budget() * k)) if cfg["progressive"] and cfg["method"] == "shortft" else 0
-        set_stage(ft, stage)  # in stage i only LoRAs i..k-1 train
+        p_stage = min(k - 1, int(budget() * k)) if cfg["progressive"] and cfg["method"] == "shortft" else 0
+        set_stage(ft, p_stage)  # in stage i only LoRAs i..k-1 train
         x_T = torch.randn(cfg["ft_batch"], 3, 32, 32, device=device)  # (B, 3, 32, 32)
-        x0 = method_chain(cfg, ft, student, sched, x_T, stage)  # (B, 3, 32, 32), DRaFT-LV: (n B, ...)
+        x0 = method_chain(cfg, ft, student, sched, x_T, p_stage)  # (B, 3, 32, 32), DRaFT-LV: (n B, ...)
         r = reward(x0)  # (B,) higher is better
-        loss = -cfg["reward_scale"] * r.mean()
+        loss = cfg["ft_reward_scale"] * reward_loss(r)  # = -scale * mean reward
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg["ft_grad_clip"]))
         if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
             raise UserError(f"[shortft] loss {loss.item()} / grad norm {grad_norm} at step {step + 1}: "
-                            f"stopped; the last good checkpoint is kept at {ckpt_path}")
+                            f"stopped; the last good checkpoint is kept at {stage.ckpt_path}")
         opt.step()
         step += 1
         ms = (time.time() - t0) * 1000
         train_s += ms / 1000
-        history.append(dict(step=step, stage=stage, reward=r.mean().item(), grad_norm=grad_norm, ms=ms))
-        bar.update(1)
-        bar.set_postfix(reward=f"{r.mean().item():.3f}", grad=f"{grad_norm:.2f}", ms=f"{ms:.0f}", stage=stage)
+        history.append(dict(step=step, stage=p_stage, reward=r.mean().item(), grad_norm=grad_norm, ms=ms))
+        stage.tick(step, cfg["ft_batch"], "ft_lr", None, loss=loss.item())  # log.csv is written at the end
+        stage.bar.set_postfix(reward=f"{r.mean().item():.3f}", grad=f"{grad_norm:.2f}", ms=f"{ms:.0f}", stage=p_stage)
         if cfg["ft_eval_every"] > 0 and step % cfg["ft_eval_every"] == 0 and budget() < 1:
             curve.append(point(step, train_s, evaluate(merge_for_sampling(ft), sched, x_eval, cfg, device)[0]))
-            bar.write(f"[shortft] step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curve[-1].items()
-                                                            if k not in ("step", "train_s")))
+            stage.say(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curve[-1].items()
+                                                    if k not in ("step", "train_s")))
         if step % cfg["ft_ckpt_every"] == 0:
-            save()
-    bar.close()
-    done = True
-    save()
+            save(done=False)
+    stage.close()
+    save(done=True)
+    report(cfg, ft, sched, x_eval, before, history, curve, train_s, stage.out, base_path, edges, device)
+    return stage.ckpt_path
 
+
+def report(cfg, ft, sched, x_eval, before, history, curve, train_s, out, base_path, edges, device):
+    """After training: the LoRA export, held-out scores after, eval.csv, the before/after grid, log.csv,
+    metrics.json and the reward plot."""
+    if not cfg["full_ft"]:
+        export_safetensors(lora.lora_state(ft.unet), cfg, os.path.join(out, "lora.safetensors"), kind="lora",
+                           base=base_path, edges=list(edges))
+    step = len(history)
     after, x_after = evaluate(merge_for_sampling(ft), sched, x_eval, cfg, device)
     curve = [point(0, 0.0, before)] + curve + [point(step, train_s, after)]
     with open(os.path.join(out, "eval.csv"), "w") as f:  # held-out scores along the run (--ft_eval_every)
@@ -229,7 +205,6 @@ def train(cfg, device):
         json.dump(metrics, f, indent=1)
     plot_rewards(history, os.path.join(out, "reward.png"))
     print(f"[shortft] done: {step} steps, median {ms:.0f} ms/step; metrics in {out}/metrics.json")
-    return ckpt_path
 
 
 def point(step, train_s, m):
@@ -239,23 +214,9 @@ def point(step, train_s, m):
 
 
 def plot_rewards(history, path):
-    """Training reward (and its running mean) against the step, as a PNG (matplotlib, if installed)."""
-    try:
-        import matplotlib
+    """Training reward (and its running mean) against the step, as a PNG."""
+    plot_lines({"batch reward": ([h["step"] for h in history], [h["reward"] for h in history])}, path, "step", "reward")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[shortft] matplotlib is not installed: no reward plot (pip install matplotlib)")
-        return
-    r = np.array([h["reward"] for h in history])
-    w = max(1, len(r) // 20)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(r, alpha=0.35, label="batch reward")
-    ax.plot(np.arange(w - 1, len(r)), np.convolve(r, np.ones(w) / w, "valid"), label=f"mean of {w}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+
+if __name__ == "__main__":
+    run_alone(train, __doc__)

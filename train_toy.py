@@ -1,39 +1,39 @@
 """The entry point: the whole toy pipeline on CIFAR-10, and sampling from saved checkpoints.
 
     python train_toy.py                      # run every stage (skips stages whose checkpoint is complete)
-    python train_toy.py --ddpm_steps=2000    # any key of config.DEFAULTS, as --key=value
+    python train_toy.py --ddpm_steps=2000    # any key of sftlib/config.py's DEFAULTS, as --key=value
+    python train_toy.py --help               # every key, with its type, default and meaning
     python train_toy.py sample --ckpt=out/ddpm/ckpt.pt --n=64 --sampler=ddim --steps=50 --out=s.npz
-    python train_toy.py sample --ckpt=out/distill/ckpt.pt --sampler=shortcut   # k jumps + 1 final step
+    python train_toy.py sample --ckpt=out/shortcut/ckpt.pt --sampler=shortcut   # k jumps + 1 final step
     python train_toy.py sample --ckpt=out/shortft/ckpt.pt   # the fine-tuned base model, DDIM-50
-    python train_toy.py eval --samples=s.npz --target=ship   # held-out metrics (evaluate.py)
+    python train_toy.py eval --samples=s.npz --target=ship   # held-out metrics (sftlib/metrics.py)
 
 Stages, in order (each writes under <out_dir>/<stage>/):
-    ddpm   train the base DDPM (train_ddpm.py; maths in ddpm.py, network in unet.py)
-    distill  the shortcut: segment-wise consistency distillation of the DDPM (consistency.py)
-    classifier  train the reward classifier and the held-out evaluator (classifier.py; rewards.py)
-    shortft  fine-tune the base DDPM against the reward through the shortcut chain (shortft.py)
+    ddpm        train the base DDPM (train_ddpm.py; maths in ddpm.py, network in unet.py)
+    shortcut    distil the DDPM into the few-step shortcut (train_shortcut.py; concept in consistency.py)
+    classifier  train the reward classifier and the held-out evaluator (train_classifier.py; rewards.py)
+    shortft     fine-tune the base DDPM against the reward through the shortcut chain (train_shortft.py; shortft.py)
 """
 import importlib
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-import config
-from common import UserError, load_checkpoint, pick_device, save_grid, seed_all, to_uint8
-
+import ddpm
+from sftlib import config
+from sftlib.common import UserError, load_checkpoint, pick_device, run_main, save_grid, seed_all, to_uint8
 
 # (stage, module): each module's train(cfg, device) runs the stage, or skips it when its checkpoint
 # <out_dir>/<stage>/ckpt.pt is complete. Later stages read the checkpoints of earlier ones.
-STAGES = [("ddpm", "train_ddpm"), ("distill", "consistency"), ("classifier", "classifier"),
+STAGES = [("ddpm", "train_ddpm"), ("shortcut", "train_shortcut"), ("classifier", "train_classifier"),
           ("shortft", "train_shortft")]
 
 
 def run_pipeline(args):
-    cfg = config.resolve(args, torch.cuda.is_available())
+    cfg = config.resolve(args, torch.cuda.is_available(), description=__doc__)
     wanted = [s for s, _ in STAGES] if cfg["stages"] == "all" else cfg["stages"].split(",")
     unknown = [s for s in wanted if s not in dict(STAGES)]
     if unknown:
@@ -86,7 +86,8 @@ def run_sample(args):
     """Sample N images from a checkpoint and write them as uint8 (N, 32, 32, 3) under 'images' in a
     .npz, plus a PNG grid of the first 64 next to it."""
     opts = dict(config.SAMPLE_DEFAULTS)
-    given = config.parse_overrides(args, config.SAMPLE_DEFAULTS)
+    given = config.parse_overrides(args, config.SAMPLE_DEFAULTS, prog="train_toy.py sample",
+                                   description=run_sample.__doc__, source=config.__file__)
     opts.update(given)
     if opts["n"] < 1:
         raise UserError(f"--n must be at least 1, got {opts['n']}")
@@ -95,38 +96,33 @@ def run_sample(args):
     if not opts["out"].endswith(".npz"):
         raise UserError(f"--out must name a .npz file, got {opts['out']!r}")
     device = pick_device(opts["device"])
-    import ddpm
-    from train_ddpm import load_ddpm
+    from consistency import shortcut_sample
+    from sftlib.models import load_ddpm, load_finetuned, load_shortcut
 
     if opts["sampler"] == "shortcut":  # a distilled few-step model: its steps are fixed by its k segments
-        from consistency import load_shortcut, shortcut_sample
-
         model, sched, _, edges = load_shortcut(opts["ckpt"], device)
         if "steps" in given and opts["steps"] != len(edges):
             raise UserError(f"this shortcut checkpoint has k = {len(edges)} segments: leave --steps out or "
                             f"pass --steps={len(edges)}, got --steps={opts['steps']}")
     elif load_checkpoint(opts["ckpt"], ("ddpm", "shortft"))["kind"] == "shortft":  # fine-tuned: base + LoRA
-        from train_shortft import load_finetuned
-
         model, sched = load_finetuned(opts["ckpt"], device)
     else:
         model, sched, _ = load_ddpm(opts["ckpt"], device)
-    if opts["sampler"] == "ddim" and not 1 <= opts["steps"] <= sched.T:
-        raise UserError(f"--steps must be in [1, {sched.T}], got {opts['steps']}")
+    timesteps = ddpm.ddim_timesteps(sched.T, opts["steps"]) if opts["sampler"] == "ddim" else None  # checks --steps
     sched.clip_x0 = opts["clip_x0"]  # x0-clipping in the sampler (ddpm.py); --clip_x0=false to see without
     seed_all(opts["seed"])
     images = []
     with torch.no_grad():  # sampling only: no graph to keep
-        for i in range(0, opts["n"], opts["batch_size"]):
-            x_T = torch.randn(min(opts["batch_size"], opts["n"] - i), 3, 32, 32, device=device)
+        for i in range(0, opts["n"], opts["batch"]):
+            x_T = torch.randn(min(opts["batch"], opts["n"] - i), 3, 32, 32, device=device)
             if opts["sampler"] == "ddpm":
                 x0 = ddpm.ddpm_sample(model, sched, x_T)
             elif opts["sampler"] == "shortcut":
                 x0 = shortcut_sample(model, sched, x_T, edges)
             else:
-                x0 = ddpm.ddim_sample(model, sched, x_T, ddpm.ddim_timesteps(sched.T, opts["steps"]), opts["eta"])
+                x0 = ddpm.ddim_sample(model, sched, x_T, timesteps, opts["eta"])
             images.append(x0)
-            print(f"[sample] {min(i + opts['batch_size'], opts['n'])}/{opts['n']}")
+            print(f"[sample] {min(i + opts['batch'], opts['n'])}/{opts['n']}")
     x0 = torch.cat(images)  # (N, 3, 32, 32)
     os.makedirs(os.path.dirname(opts["out"]) or ".", exist_ok=True)
     tmp = opts["out"][:-4] + ".tmp.npz"
@@ -138,27 +134,20 @@ def run_sample(args):
 
 def run_eval(args):
     """Score a .npz of samples with the held-out evaluator: a table, then one line of JSON."""
-    import evaluate
+    from sftlib import metrics
 
-    evaluate.run_eval(args)
+    metrics.run_eval(args)
 
 
 COMMANDS = {"train": run_pipeline, "sample": run_sample, "eval": run_eval}
 
 
 def main(argv):
-    cmd, args = ("train", argv) if not argv or argv[0].startswith("--") else (argv[0], argv[1:])
+    cmd, args = ("train", argv) if not argv or argv[0].startswith("-") else (argv[0], argv[1:])
     if cmd not in COMMANDS:
         raise UserError(f"unknown command {cmd!r}: use one of {', '.join(COMMANDS)} (or none, to train)")
     COMMANDS[cmd](args)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is kept; rerun with --resume to continue", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

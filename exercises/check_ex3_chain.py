@@ -5,7 +5,7 @@ import torch
 
 import checklib
 import ddpm
-import lora
+from sftlib import lora
 import shortft
 from consistency import jump
 

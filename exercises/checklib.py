@@ -17,7 +17,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # the project's own modules (ddpm, consistency, shortft, ...) are the reference
 
 import ddpm  # noqa: E402
-import lora  # noqa: E402
+from sftlib import lora  # noqa: E402
 from unet import UNet  # noqa: E402
 
 

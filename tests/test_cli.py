@@ -25,7 +25,7 @@ def test_training_lowers_loss_and_writes_checkpoint(tiny_ddpm):
     rows = np.loadtxt(os.path.join(tiny_ddpm, "ddpm", "log.csv"), delimiter=",", skiprows=1)  # step, loss, img/s
     assert rows[-1, 0] == 200
     assert rows[-3:, 1].mean() < 0.6 * rows[0, 1], rows[:, 1]  # the eps-loss falls well below its start
-    ckpt = torch.load(os.path.join(tiny_ddpm, "ddpm", "ckpt.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(tiny_ddpm, "ddpm", "ckpt.pt"), weights_only=True)
     assert ckpt["kind"] == "ddpm" and ckpt["step"] == 200
     assert {"model", "ema", "opt", "config", "rng"} <= set(ckpt)
     assert ckpt["config"]["ch"] == 16 and ckpt["config"]["ddpm_steps"] == 200
@@ -49,8 +49,8 @@ def test_completed_stage_is_skipped(tiny_ddpm, cifar_root):
 
 
 def test_killed_run_resumes_from_saved_step(tmp_path, cifar_root):
-    args = [f"--out_dir={tmp_path}", f"--data_root={cifar_root}", "--ddpm_steps=120", "--ckpt_every=10", "--stages=ddpm",
-            "--batch_size=16", *[a for a in TINY if not a.startswith("--batch_size")]]
+    args = [f"--out_dir={tmp_path}", f"--data_root={cifar_root}", "--ddpm_steps=120", "--ddpm_ckpt_every=10", "--stages=ddpm",
+            "--ddpm_batch=16", *[a for a in TINY if not a.startswith("--ddpm_batch")]]
     ckpt_path = tmp_path / "ddpm" / "ckpt.pt"
     proc = subprocess.Popen([sys.executable, "train_toy.py", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -59,12 +59,12 @@ def test_killed_run_resumes_from_saved_step(tmp_path, cifar_root):
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)  # killed without warning, mid-training
     proc.wait()
-    killed = torch.load(ckpt_path, weights_only=False)
+    killed = torch.load(ckpt_path, weights_only=True)
     assert 10 <= killed["step"] < 120
     one_line_error(run_cli(*args, check=False))  # an unfinished run is not silently overwritten
     p = run_cli(*args, "--resume")
     assert f"resuming {ckpt_path} from step {killed['step']}" in p.stdout
-    done = torch.load(ckpt_path, weights_only=False)
+    done = torch.load(ckpt_path, weights_only=True)
     assert done["step"] == 120
     same = lambda c: {k: v for k, v in c.items() if k != "resume"}
     assert same(done["config"]) == same(killed["config"])
@@ -72,8 +72,8 @@ def test_killed_run_resumes_from_saved_step(tmp_path, cifar_root):
 
 @pytest.mark.parametrize("args,needle", [
     (["--no_such_flag=1"], "unknown option --no_such_flag"),
-    (["--bach_size=3"], "did you mean --batch_size"),
-    (["--batch_size=big"], "expects a int"),
+    (["--ddpm_bach=3"], "did you mean --ddpm_batch"),
+    (["--ddpm_batch=big"], "expects a int"),
     (["--resume=maybe"], "expects a bool"),
     (["--data_root=/nonexistent/cifar", "--out_dir=/nonexistent/out"], "--data_root"),
     (["--preset=huge"], "--preset"),

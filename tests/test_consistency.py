@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-import config
+from sftlib import config
 import consistency as C
 import ddpm
-from common import UserError, load_checkpoint, save_atomic
+import train_shortcut
+from sftlib.common import UserError, load_checkpoint, read_safetensors, save_atomic
 from conftest import TINY, run_cli
 from unet import UNet, build_unet
 
@@ -83,7 +84,7 @@ def test_jump_boundary_condition_is_exact():
 
 def test_jump_with_teacher_weights_is_one_ddim_step():
     teacher = tiny_unet(1)
-    student = copy.deepcopy(teacher)  # the student starts as the teacher, as in consistency.train
+    student = copy.deepcopy(teacher)  # the student starts as the teacher, as in train_shortcut.train
     edges = C.segment_edges(1000, 50, 50)  # segments of one DDIM step each
     x = torch.randn(2, 3, 8, 8)
     for clip in (False, True):  # with x0-clipping (ddpm.py): x0_hat into [-1, 1], eps re-derived from it
@@ -196,7 +197,7 @@ def test_shortcut_sample_visits_the_edges_with_k_plus_1_calls():
 
 
 def fake_teacher(out_dir, kind="ddpm", **changes):
-    """A DDPM checkpoint with random weights of the tiny UNet (the distill stage only needs a teacher)."""
+    """A DDPM checkpoint with random weights of the tiny UNet (the shortcut stage only needs a teacher)."""
     cfg = config.resolve(TINY, False)
     model = build_unet(dict(cfg, **changes))
     save_atomic(dict(kind=kind, model=model.state_dict(), ema=model.state_dict(), step=1, config=cfg),
@@ -204,38 +205,42 @@ def fake_teacher(out_dir, kind="ddpm", **changes):
     return cfg
 
 
-def test_distill_rejects_a_bad_teacher(tmp_path):
+def test_shortcut_stage_rejects_a_bad_teacher(tmp_path):
     cfg = dict(config.resolve(TINY, False), out_dir=str(tmp_path))
     with pytest.raises(UserError, match="ddpm stage"):
-        C.train(dict(cfg), torch.device("cpu"))
+        train_shortcut.train(dict(cfg), torch.device("cpu"))
     fake_teacher(tmp_path, kind="classifier")
     with pytest.raises(UserError, match="expected 'ddpm'"):
-        C.train(dict(cfg), torch.device("cpu"))
+        train_shortcut.train(dict(cfg), torch.device("cpu"))
     fake_teacher(tmp_path, ch=8)  # weights of another shape than its config says
     with pytest.raises(UserError, match="do not match"):
-        C.train(dict(cfg), torch.device("cpu"))
+        train_shortcut.train(dict(cfg), torch.device("cpu"))
     fake_teacher(tmp_path)
     with pytest.raises(UserError, match="k_segments"):
-        C.train(dict(cfg, k_segments=0), torch.device("cpu"))
+        train_shortcut.train(dict(cfg, k_segments=0), torch.device("cpu"))
 
 
-def test_distill_stage_end_to_end(tmp_path, cifar_root, monkeypatch):
+def test_shortcut_stage_end_to_end(tmp_path, cifar_root, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny runs: one thread per process avoids contention
     out = str(tmp_path)
     fake_teacher(out)
-    args = [f"--out_dir={out}", f"--data_root={cifar_root}", "--stages=distill", "--n_train=100",
-            "--distill_batch=8", "--ckpt_every=2", "--sample_every=1000", *TINY]
-    run_cli(*args, "--distill_steps=2")
-    assert run_cli(*args, "--distill_steps=3", check=False).returncode == 2  # unfinished: needs --resume
-    assert "resuming" in run_cli(*args, "--distill_steps=3", "--resume").stdout
-    assert "skipping" in run_cli(*args, "--distill_steps=3").stdout
-    ckpt = load_checkpoint(os.path.join(out, "distill", "ckpt.pt"), "shortcut")
+    args = [f"--out_dir={out}", f"--data_root={cifar_root}", "--stages=shortcut", "--n_train=100",
+            "--shortcut_batch=8", "--shortcut_ckpt_every=2", "--sample_every=1000", *TINY]
+    run_cli(*args, "--shortcut_steps=2")
+    assert run_cli(*args, "--shortcut_steps=3", check=False).returncode == 2  # unfinished: needs --resume
+    assert "resuming" in run_cli(*args, "--shortcut_steps=3", "--resume").stdout
+    assert "skipping" in run_cli(*args, "--shortcut_steps=3").stdout
+    ckpt = load_checkpoint(os.path.join(out, "shortcut", "ckpt.pt"), "shortcut")
     assert ckpt["step"] == 3 and ckpt["edges"] == E4
-    assert os.path.isfile(os.path.join(out, "distill", "samples_0.png"))
-    assert os.path.isfile(os.path.join(out, "distill", "samples_3.png"))
+    assert os.path.isfile(os.path.join(out, "shortcut", "samples_0.png"))
+    assert os.path.isfile(os.path.join(out, "shortcut", "samples_3.png"))
+    # the export for sharing: the EMA student as .safetensors, its config and edges in the metadata
+    weights, meta = read_safetensors(os.path.join(out, "shortcut", "model.safetensors"))
+    assert weights.keys() == ckpt["ema"].keys() and all(torch.equal(weights[k], ckpt["ema"][k]) for k in weights)
+    assert meta["kind"] == "shortcut" and meta["edges"] == E4 and meta["config"]["shortcut_steps"] == 3
     npz = os.path.join(out, "s.npz")
-    run_cli("sample", f"--ckpt={out}/distill/ckpt.pt", "--sampler=shortcut", "--n=10", f"--out={npz}", "--device=cpu")
+    run_cli("sample", f"--ckpt={out}/shortcut/ckpt.pt", "--sampler=shortcut", "--n=10", f"--out={npz}", "--device=cpu")
     with np.load(npz) as f:
         assert f["images"].shape == (10, 32, 32, 3) and f["images"].dtype == np.uint8
-    bad = run_cli("sample", f"--ckpt={out}/distill/ckpt.pt", "--sampler=shortcut", "--steps=3", check=False)
+    bad = run_cli("sample", f"--ckpt={out}/shortcut/ckpt.pt", "--sampler=shortcut", "--steps=3", check=False)
     assert bad.returncode == 2 and "k = 4" in bad.stderr

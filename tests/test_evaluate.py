@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from common import load_checkpoint, save_atomic
+from sftlib.common import load_checkpoint, save_atomic
 from conftest import run_cli
-from data import load_cifar10
-from evaluate import frechet_distance, gaussian_stats, net_outputs
+from sftlib.data import load_cifar10
+from sftlib.metrics import frechet_distance, gaussian_stats, net_outputs
 
 TINY_CLS = ["--stages=classifier", "--n_train=1000", "--n_test=500", "--classifier_width=8",
-            "--evaluator_width=8", "--classifier_steps=30", "--evaluator_steps=30", "--cls_batch_size=64",
+            "--evaluator_width=8", "--classifier_steps=30", "--evaluator_steps=30", "--cls_batch=64",
             "--log_every=10", "--preset=cpu", "--device=cpu"]
 
 
@@ -96,7 +96,7 @@ def test_fd_grows_as_real_images_are_noised_and_blurred(tiny_cls, cifar_root, tm
     monotonically to a growing distribution shift, not that its features are good ones."""
     from torchvision.transforms.functional import gaussian_blur
 
-    from classifier import load_classifier
+    from sftlib.nets import load_classifier
 
     net = load_classifier(os.path.join(tiny_cls, "evaluator", "ckpt.pt"), "cpu", "evaluator")
     x_train, _ = load_cifar10(cifar_root, "train", 1000, str(tmp_path))  # (1000, 3, 32, 32)

@@ -1,4 +1,4 @@
-"""The whole pipeline (ddpm -> distill -> classifier -> shortft) end to end at toy size on real data."""
+"""The whole pipeline (ddpm -> shortcut -> classifier -> shortft) end to end at toy size on real data."""
 import json
 import os
 import shutil
@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY, run_cli
 from test_cli import one_line_error
 
-SMALL = ["--n_test=500", "--distill_steps=10", "--classifier_steps=10", "--evaluator_steps=10", "--ft_steps=4",
+SMALL = ["--n_test=500", "--shortcut_steps=10", "--classifier_steps=10", "--evaluator_steps=10", "--ft_steps=4",
          "--ft_ckpt_every=2", "--ft_eval_every=2", "--n_eval=16", "--ft_batch=2", "--ddpm_steps=200"]
 
 
@@ -23,7 +23,7 @@ def pipeline(tmp_path_factory, tiny_ddpm, cifar_root):
 
 def test_pipeline_runs_every_stage_and_prints_results(pipeline):
     out, stdout = pipeline
-    for f in ("distill/ckpt.pt", "classifier/ckpt.pt", "evaluator/ckpt.pt", "shortft/ckpt.pt", "shortft/lora.pt",
+    for f in ("shortcut/ckpt.pt", "classifier/ckpt.pt", "evaluator/ckpt.pt", "shortft/ckpt.pt", "shortft/lora.safetensors",
               "shortft/before_after.png", "shortft/metrics.json", "shortft/log.csv"):
         assert (out / f).is_file(), f
     m = json.loads((out / "shortft" / "metrics.json").read_text())
@@ -48,10 +48,10 @@ def test_sample_from_finetuned_checkpoint(pipeline, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(pipeline, tmp_path, cifar_root):
     out, _ = pipeline
-    for stage in ("ddpm", "distill", "classifier", "evaluator"):
+    for stage in ("ddpm", "shortcut", "classifier", "evaluator"):
         shutil.copytree(out / stage, tmp_path / stage)
     p = run_cli(f"--out_dir={tmp_path}", f"--data_root={cifar_root}", *TINY, *SMALL, "--stages=shortft",
-                "--reward_scale=nan", check=False)
+                "--ft_reward_scale=nan", check=False)
     assert "loss nan" in one_line_error(p)
     assert not (tmp_path / "shortft" / "ckpt.pt").exists()  # no checkpoint of a broken model
 
@@ -60,7 +60,7 @@ def test_missing_shortcut_is_a_clear_error(tmp_path, tiny_ddpm, cifar_root):
     shutil.copytree(os.path.join(tiny_ddpm, "ddpm"), tmp_path / "ddpm")
     p = run_cli(f"--out_dir={tmp_path}", f"--data_root={cifar_root}", *TINY, "--ddpm_steps=200", "--stages=shortft",
                 check=False)
-    assert "--stages=distill" in one_line_error(p)
+    assert "--stages=shortcut" in one_line_error(p)
 
 
 def test_untuned_shortcut_chain_lands_near_the_real_ddim50_x0(pipeline):
@@ -69,14 +69,14 @@ def test_untuned_shortcut_chain_lands_near_the_real_ddim50_x0(pipeline):
     else the gradient would be that of another sampler. (The CPU preset's figures: bench_compare.py.)"""
     import torch
 
-    import config
+    from sftlib import config
     import ddpm
-    from consistency import load_shortcut
+    from sftlib.models import load_shortcut
     from shortft import shortft_chain
-    from train_shortft import build_finetuned
+    from sftlib.models import build_finetuned
 
     out, _ = pipeline
-    student, _, _, edges = load_shortcut(str(out / "distill" / "ckpt.pt"), "cpu")
+    student, _, _, edges = load_shortcut(str(out / "shortcut" / "ckpt.pt"), "cpu")
     cfg = config.resolve(["--preset=cpu"], False)
     ft, sched = build_finetuned(cfg, str(out / "ddpm" / "ckpt.pt"), edges, torch.device("cpu"))
     x_T = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # (32, 3, 32, 32)
@@ -98,11 +98,11 @@ def test_bench_compare_quick_runs_methods_at_equal_seconds(pipeline, tmp_path):
     from conftest import ROOT
 
     out, _ = pipeline
-    for stage in ("ddpm", "distill", "classifier", "evaluator", "cache"):
+    for stage in ("ddpm", "shortcut", "classifier", "evaluator", "cache"):
         if (out / stage).exists():
             os.symlink(out / stage, tmp_path / stage)
-    args = [sys.executable, os.path.join(ROOT, "bench_compare.py"), f"--out_dir={tmp_path}", "--quick",
-            "--methods=shortft,draft,shortft_k2", "--seconds=3", "--n_eval=8", "--k_distill_steps=2",
+    args = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_compare.py"), f"--out_dir={tmp_path}", "--quick",
+            "--methods=shortft,draft,shortft_k2", "--seconds=3", "--n_eval=8", "--k_shortcut_steps=2",
             "--device=cpu"]
     p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -113,7 +113,7 @@ def test_bench_compare_quick_runs_methods_at_equal_seconds(pipeline, tmp_path):
         m = json.loads((run / "metrics.json").read_text())
         train_s = sum(np.loadtxt(run / "log.csv", delimiter=",", skiprows=1, ndmin=2)[:, 4]) / 1000
         assert train_s >= 3 and m["after"]["n_samples"] == 8  # the budget was spent, then scored
-    k2 = torch_load(tmp_path / "compare" / "k2" / "distill" / "ckpt.pt")
+    k2 = torch_load(tmp_path / "compare" / "k2" / "shortcut" / "ckpt.pt")
     assert k2["edges"] == [501, 1] and k2["step"] == 2
     assert "gain / the best baseline's (draft)" in report and "grad norm" in report
 
@@ -121,7 +121,7 @@ def test_bench_compare_quick_runs_methods_at_equal_seconds(pipeline, tmp_path):
 def torch_load(path):
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("args,needle", [(["--methods=shortft,sgd"], "unknown method 'sgd'"),
@@ -132,6 +132,6 @@ def test_bench_compare_bad_input(args, needle, tmp_path):
 
     from conftest import ROOT
 
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench_compare.py"), f"--out_dir={tmp_path}", *args],
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_compare.py"), f"--out_dir={tmp_path}", *args],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from classifier import ResNet9, random_crop
-from common import UserError, save_atomic
+from sftlib.nets import ResNet9
+from train_classifier import random_crop
+from sftlib.common import UserError, save_atomic
 from conftest import run_cli
 from rewards import brightness, build_reward, parse_reward_spec, reward_loss
 

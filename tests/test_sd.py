@@ -1,4 +1,4 @@
-"""The Stable Diffusion path (sd.py, train_sd.py) on tiny random SD components built from configs, offline.
+"""The Stable Diffusion path (sftlib/sd.py, sftlib/sd_rewards.py, train_sd.py) on tiny random SD components built from configs, offline.
 
 Oracles: SD's schedule from its formula, the DDIM step from diffusers' DDIMScheduler, the ShortFT chain
 from the hops of PAPER.md Sec. 3 written out with plain UNet calls, the saved LoRA through a stock
@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import bench_sd
 import ddpm
-import sd
 import train_sd
-from common import UserError
+from sd_fixtures import random_lora, random_pipeline, tiny_tokenizer
+from sftlib import sd, sd_rewards
+from sftlib.common import UserError
 from shortft import shortft_chain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,9 +29,9 @@ sd.quiet()
 def tiny(tmp_path_factory):
     """A tiny random SD pipeline saved as a diffusers folder, and a random few-step 'shortcut' LoRA file."""
     d = tmp_path_factory.mktemp("sd")
-    pipe = bench_sd.random_pipeline("tiny")
+    pipe = random_pipeline("tiny")
     pipe.save_pretrained(d / "pipe")
-    save_file(bench_sd.random_lora(pipe.unet, 4, seed=1), str(d / "shortcut.safetensors"))
+    save_file(random_lora(pipe.unet, 4, seed=1), str(d / "shortcut.safetensors"))
     return d
 
 
@@ -141,7 +141,7 @@ def test_one_step_trains_only_the_stage_loras(tiny):
     z = shortft_chain(ft, ft.shortcut, sched, torch.randn(2, 4, 8, 8), ft.groups, stage=1)
     x0 = sd.decode(pipe.vae, z, grad_checkpoint=True)  # (2, 3, 16, 16)
     assert x0.shape == (2, 3, RES, RES) and x0.min() >= -1 and x0.max() <= 1
-    sd.build_reward("saturation+0.5*contrast", "cpu")(x0, ["a"] * 2).mean().neg().backward()
+    sd_rewards.build_reward("saturation+0.5*contrast", "cpu")(x0, ["a"] * 2).mean().neg().backward()
     got = {n for n, p in pipe.unet.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert got and all(n.split(".")[-2] in ("lora2", "lora3", "lora4") for n in got)
     assert {n.split(".")[-2] for n in got} == {"lora2", "lora3", "lora4"}
@@ -204,25 +204,25 @@ def test_rewards_are_image_statistics():
     u = ((x + 1) / 2).numpy()
     sat = (u.max(1) - u.min(1)).mean(axis=(1, 2))
     luma = 0.299 * u[:, 0] + 0.587 * u[:, 1] + 0.114 * u[:, 2]
-    assert np.allclose(sd.saturation(x).numpy(), sat, atol=1e-6)
-    assert np.allclose(sd.contrast(x).numpy(), luma.reshape(3, -1).std(1, ddof=1), atol=1e-6)
+    assert np.allclose(sd_rewards.saturation(x).numpy(), sat, atol=1e-6)
+    assert np.allclose(sd_rewards.contrast(x).numpy(), luma.reshape(3, -1).std(1, ddof=1), atol=1e-6)
     gray = torch.zeros(1, 3, 8, 8)
-    assert sd.saturation(gray).item() == 0 and sd.contrast(gray).item() == 0
-    r = sd.build_reward("2*brightness+saturation", "cpu")(x.requires_grad_(True), ["p"] * 3)
-    assert r.shape == (3,) and torch.allclose(r, 2 * ((x + 1) / 2).mean((1, 2, 3)) + sd.saturation(x))
+    assert sd_rewards.saturation(gray).item() == 0 and sd_rewards.contrast(gray).item() == 0
+    r = sd_rewards.build_reward("2*brightness+saturation", "cpu")(x.requires_grad_(True), ["p"] * 3)
+    assert r.shape == (3,) and torch.allclose(r, 2 * ((x + 1) / 2).mean((1, 2, 3)) + sd_rewards.saturation(x))
     for bad in ("sharpness", "x*contrast"):
         with pytest.raises(UserError):
-            sd.build_reward(bad, "cpu")
+            sd_rewards.build_reward(bad, "cpu")
     with pytest.raises(UserError, match="aesthetic_path"):
-        sd.build_reward("aesthetic", "cpu")
+        sd_rewards.build_reward("aesthetic", "cpu")
     with pytest.raises(UserError, match="clip_path"):
-        sd.build_reward("clip", "cpu", clip_path=os.path.join(ROOT, "no_such_clip"))
+        sd_rewards.build_reward("clip", "cpu", clip_path=os.path.join(ROOT, "no_such_clip"))
 
 
 def test_lora_of_another_base_is_a_clear_error(tiny, tmp_path):
     pipe = sd.load_pipeline(str(tiny / "pipe"), "cpu")
-    other = bench_sd.random_pipeline("tiny", cross_attention_dim=48)  # another base: other attention shapes
-    save_file(bench_sd.random_lora(other.unet, 4, seed=2), str(tmp_path / "other.safetensors"))
+    other = random_pipeline("tiny", cross_attention_dim=48)  # another base: other attention shapes
+    save_file(random_lora(other.unet, 4, seed=2), str(tmp_path / "other.safetensors"))
     with pytest.raises(UserError, match="another base model"):
         sd.load_lora(pipe, str(tmp_path / "other.safetensors"), "shortcut")
     save_file({"unet.no.such.layer.lora_A.weight": torch.zeros(4, 8),
@@ -249,7 +249,7 @@ def test_clip_and_aesthetic_rewards_from_local_weights(tmp_path):
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
-    tok = bench_sd.tiny_tokenizer()
+    tok = tiny_tokenizer()
     conf = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
                                        vocab_size=len(tok), bos_token_id=0, eos_token_id=1, pad_token_id=1),
                       vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
@@ -261,11 +261,11 @@ def test_clip_and_aesthetic_rewards_from_local_weights(tmp_path):
             for j, i in enumerate([0, 2, 4, 6, 7]) for k in ("weight", "bias")}
     torch.save(head, tmp_path / "aesthetic.pth")
     x, prompts = torch.rand(2, 3, 16, 16) * 2 - 1, ["a red cat", "a dog"]
-    clip = sd.build_reward("clip", "cpu", clip_path=str(tmp_path / "clip"))
-    aes = sd.build_reward("aesthetic", "cpu", str(tmp_path / "clip"), str(tmp_path / "aesthetic.pth"))
+    clip = sd_rewards.build_reward("clip", "cpu", clip_path=str(tmp_path / "clip"))
+    aes = sd_rewards.build_reward("aesthetic", "cpu", str(tmp_path / "clip"), str(tmp_path / "aesthetic.pth"))
     model = CLIPModel.from_pretrained(tmp_path / "clip").eval()
     u = torch.nn.functional.interpolate((x + 1) / 2, size=(32, 32), mode="bicubic", antialias=True)
-    mean, std = torch.tensor(sd.CLIPReward.MEAN).view(1, 3, 1, 1), torch.tensor(sd.CLIPReward.STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(sd_rewards.CLIPReward.MEAN).view(1, 3, 1, 1), torch.tensor(sd_rewards.CLIPReward.STD).view(1, 3, 1, 1)
     ids = tok(prompts, padding="max_length", return_tensors="pt").input_ids
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values=(u - mean) / std)

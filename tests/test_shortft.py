@@ -5,8 +5,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ddpm
-import lora
-from common import UserError
+from sftlib import lora
+from sftlib.common import UserError
 from consistency import jump
 from shortft import FineTuned, merge_for_sampling, segment_groups, set_stage, shortft_chain
 from unet import UNet

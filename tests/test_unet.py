@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import config
+from sftlib import config
 from unet import UNet, build_unet
 
 

@@ -1,13 +1,12 @@
 """Benchmark: one ShortFT step vs one full-chain backprop step on Stable Diffusion, random weights.
 
-    python bench_sd.py                          # tiny random SD components, 32x32 images (CPU-friendly)
-    python bench_sd.py --size=sd15 --resolution=512 --device=cuda   # SD 1.5's shapes, random weights
+    python benchmarks/bench_sd.py                          # tiny random SD components, 32x32 images (CPU-friendly)
+    python benchmarks/bench_sd.py --size=sd15 --resolution=512 --device=cuda   # SD 1.5's shapes, random weights
 
 Prints ms/step and peak memory per method, then one line of JSON. Each method runs in its own process,
 so peak memory is its own: torch.cuda.max_memory_allocated on CUDA, the process's peak RSS on CPU
 (reported with the RSS after setup, whose difference is what the step itself costs). Random weights
-time the same computation as real ones; no download is needed. `random_pipeline` also builds the tiny
-pipeline the tests use.
+time the same computation as real ones; no download is needed (tests/sd_fixtures.py builds them).
 
 Methods (all: CFG on the base calls, VAE decode in the graph, brightness reward, Adam step on LoRA):
     shortft        shortft.shortft_chain, stage 0: 12 no-grad steps, then 7 UNet calls with a graph
@@ -24,84 +23,23 @@ import time
 
 import torch
 
-import config
-from common import UserError, pick_device
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as `python benchmarks/<name>.py` from anywhere: the project's modules live at ROOT
+
+import ddpm
+from consistency import segment_edges
+from rewards import brightness
+from sftlib import config, sd
+from sftlib.common import UserError, pick_device, run_main
+from shortft import full_chain, segment_groups, shortft_chain
+from tests.sd_fixtures import random_lora, random_pipeline
 
 DEFAULTS = dict(size="tiny", resolution=32, batch=1, iters=3, methods="shortft,full,full_ckpt,shortft_nockpt",
                 device="cpu", bf16=True, lora_rank=4, one="", seed=0)
 
 
-def tiny_tokenizer():
-    """A byte-level CLIP tokenizer with no merges (one token per character): no download needed."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in sorted(ByteLevel.alphabet()):
-            vocab[c + suffix] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def random_pipeline(size="tiny", cross_attention_dim=None, seed=0):
-    """A StableDiffusionPipeline with random weights built from configs. tiny: 0.8M-parameter UNet, VAE
-    downsampling x2; sd15: SD 1.5's shapes (UNet 859.5M, VAE 83.7M downsampling x8, CLIP ViT-L/14's text
-    transformer, 85.5M with this byte-level vocabulary instead of CLIP's 49408 tokens)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    tok = tiny_tokenizer()
-    if size == "tiny":
-        dim = cross_attention_dim or 32
-        unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16,
-                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                    cross_attention_dim=dim, attention_head_dim=8, norm_num_groups=8)
-        vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
-        text = CLIPTextConfig(hidden_size=dim, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                              vocab_size=len(tok), bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    elif size == "sd15":
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
-                            sample_size=512)
-        text = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                              vocab_size=len(tok), bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    else:
-        raise UserError(f"--size must be tiny or sd15, got {size!r}")
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)  # SD 1.5's scheduler settings
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tok,
-                                   scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def random_lora(unet, rank, seed, scale=0.05):
-    """A random LoRA for `unet` in diffusers' format (a stand-in few-step shortcut): peft state dict."""
-    import copy
-
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    u = copy.deepcopy(unet)
-    u.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
-                  adapter_name="x")
-    g = torch.Generator().manual_seed(seed)
-    state = get_peft_model_state_dict(u, adapter_name="x")
-    return {"unet." + k: scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
-
-
 def run_one(opts):
     """Build everything, run `iters` timed steps of one method after a warm-up; returns a dict."""
-    import ddpm
-    import sd
-    from consistency import segment_edges
-    from rewards import brightness
-    from shortft import full_chain, segment_groups, shortft_chain
 
     device = pick_device(opts["device"])
     bf16 = opts["bf16"] and device.type == "cuda"
@@ -178,8 +116,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

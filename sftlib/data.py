@@ -1,7 +1,8 @@
 """CIFAR-10 as tensors on the device.
 
 Two sources: a local folder in ImageFolder layout (`<root>/train/<class>/*.jpg`, `<root>/test/...`),
-or torchvision's download into `<root>` for users with internet. The decoded split is cached as a
+or torchvision's download into `<root>` (the default `data`, or any empty or new folder) for users with
+internet. Offline, --data_root (or $SHORTFT_CIFAR) names a local copy, and the error says so. The decoded split is cached as a
 .npz under the run's out_dir, so the JPEGs are decoded once. The whole split then sits on the
 device as uint8 (150 MB for the 50k training images) and batches, flips included, are cut there:
 no DataLoader, no worker processes, never the bottleneck.
@@ -12,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from common import UserError
+from sftlib.common import UserError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -44,8 +45,8 @@ def _from_torchvision(root, train, n):
     try:
         ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
     except Exception as e:  # offline, or the download was refused
-        raise UserError(f"could not download CIFAR-10 into {root!r} ({type(e).__name__}); offline? "
-                        f"pass --data_root=PATH to a folder with train/<class>/*.jpg, test/<class>/*.jpg") from None
+        raise UserError(f"could not download CIFAR-10 into {root!r} ({type(e).__name__}); offline? pass "
+                        f"--data_root=PATH (or set SHORTFT_CIFAR=PATH) to a local copy with train/<class>/*.jpg") from None
     x, y = ds.data, np.array(ds.targets)  # (N, 32, 32, 3) uint8, (N,)
     if n > 0:  # the first n // 10 of each class, as for a folder
         keep = np.concatenate([np.flatnonzero(y == c)[: n // 10] for c in range(10)])
@@ -67,11 +68,12 @@ def load_cifar10(root, split="train", n=0, cache_dir=None):
     split_dir = os.path.join(root, split)
     if os.path.isdir(split_dir):
         x, y = _from_folder(split_dir, n)
-    elif os.path.isdir(os.path.join(root, "cifar-10-batches-py")) or root == "data":
-        x, y = _from_torchvision(root, split == "train", n)  # "data" is the default: download there
+    elif not os.path.isdir(root) and os.path.isdir(os.path.dirname(os.path.abspath(root))) or \
+            os.path.isdir(root) and (not os.listdir(root) or os.path.isdir(os.path.join(root, "cifar-10-batches-py"))):
+        x, y = _from_torchvision(root, split == "train", n)  # a new or empty folder, or an earlier download
     else:
-        raise UserError(f"no CIFAR-10 at --data_root={root!r}: expected {split_dir}/<class>/*.jpg "
-                        f"(or leave --data_root unset to download it)")
+        raise UserError(f"no CIFAR-10 at --data_root={root!r}: expected {split_dir}/<class>/*.jpg, or a new or "
+                        f"empty folder to download it into (leave --data_root unset to download into ./data)")
     if cache:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = cache + ".tmp.npz"

@@ -1,4 +1,5 @@
-"""ShortFT on Stable Diffusion 1.5 (PAPER.md Sec. 3 and 5): the SD pieces that let shortft.py run unchanged.
+"""ShortFT on Stable Diffusion 1.5 (PAPER.md Sec. 3 and 5): the SD pieces that let shortft.py run unchanged
+(the rewards on decoded images are in sftlib/sd_rewards.py, the training stage in train_sd.py).
 
 shortft.shortft_chain(model, student, sched, x_T, groups, stage) needs three things, built here:
 - `sched`: SD 1.5's noise schedule in ddpm.py's interface (SDSchedule: .abar(t), .clip_x0, .T);
@@ -9,18 +10,16 @@ LoRA j stacked on LoRA j-1 by switching on several adapters at once). The chain 
 space, x_T ~ N(0, I) of shape (B, 4, H/8, W/8); the reward sees the VAE-decoded image in [-1, 1].
 
 Only the SD path imports this module; it needs the extras of requirements-sd.txt (diffusers,
-transformers, peft), imported lazily where they are used so that `import sd` itself stays light.
+transformers, peft), imported lazily where they are used so that importing this module stays light.
 """
 import contextlib
 import os
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import ddpm
-from common import UserError
+from sftlib.common import UserError
 from shortft import FineTuned
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the hub id of SD 1.5 (a mirror of runwayml's)
@@ -246,89 +245,3 @@ def save_lora(unet, names, out_dir):
                  for k, v in get_peft_model_state_dict(unet, adapter_name=name).items()}
         StableDiffusionPipeline.save_lora_weights(os.path.join(out_dir, name), unet_lora_layers=state,
                                                   unet_lora_adapter_metadata=unet.peft_config[name].to_dict())
-
-
-# --- rewards on the decoded image: x in [-1, 1] (B, 3, H, W) -> (B,), higher is better (rewards.py) ----
-
-def saturation(x):
-    """Mean chroma of the image in [0, 1]: max_c - min_c per pixel (HSV's S times V), averaged."""
-    u = (x + 1) / 2  # (B, 3, H, W) in [0, 1]
-    return (u.amax(1) - u.amin(1)).mean(dim=(1, 2))  # (B,)
-
-
-def contrast(x):
-    """RMS contrast: the standard deviation of the luma Y = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601)."""
-    u = (x + 1) / 2  # (B, 3, H, W) in [0, 1]
-    y = 0.299 * u[:, 0] + 0.587 * u[:, 1] + 0.114 * u[:, 2]  # (B, H, W)
-    return y.flatten(1).std(1)  # (B,)
-
-
-class CLIPReward:
-    """CLIP score (Hessel et al. 2021, Eq. 1 without the clip at 0): 100 cos(E_img(x), E_text(prompt)); with
-    `head` the LAION aesthetic score instead, an MLP on CLIP ViT-L/14's normalised image embedding
-    (christophschuhmann/improved-aesthetic-predictor, as in DDPO and AlignProp). Weights from --clip_path
-    (a hub id or a local folder) and --aesthetic_path (the predictor's .pth), loaded on first use."""
-
-    MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's pixel stats
-
-    def __init__(self, clip_path, device, head_path=""):
-        from transformers import CLIPModel, CLIPTokenizer
-
-        try:
-            self.model = CLIPModel.from_pretrained(clip_path).to(device).eval().requires_grad_(False)
-            self.tok = CLIPTokenizer.from_pretrained(clip_path)
-        except Exception as e:
-            raise UserError(f"could not load CLIP from --clip_path={clip_path} ({type(e).__name__}); offline? "
-                            f"download openai/clip-vit-large-patch14 and pass --clip_path=DIR") from None
-        self.head = None
-        if head_path:
-            if not os.path.isfile(head_path):
-                raise UserError(f"--aesthetic_path={head_path}: no such file (sac+logos+ava1-l14-linearMSE.pth)")
-            dim = self.model.config.projection_dim  # 768 for ViT-L/14
-            self.head = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                                      nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
-            state = torch.load(head_path, map_location="cpu")
-            self.head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
-            self.head.to(device).eval().requires_grad_(False)
-
-    def image_embedding(self, x):
-        """Unit CLIP image embeddings (B, D) of images in [-1, 1]: resized and normalised as CLIP expects,
-        differentiably (a bicubic resize of the whole square image in place of the processor's PIL one)."""
-        size = self.model.config.vision_config.image_size
-        u = F.interpolate((x + 1) / 2, size=(size, size), mode="bicubic", antialias=True)  # (B, 3, 224, 224)
-        mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (self.MEAN, self.STD))
-        pooled = self.model.vision_model(pixel_values=(u - mean) / std).pooler_output  # (B, hidden)
-        return F.normalize(self.model.visual_projection(pooled), dim=-1)  # (B, D)
-
-    def __call__(self, x, prompts):
-        img = self.image_embedding(x)  # (B, D)
-        if self.head is not None:
-            return self.head(img).squeeze(1)  # (B,) aesthetic score, about 1..10
-        ids = self.tok(list(prompts), padding="max_length", truncation=True, return_tensors="pt").input_ids
-        txt = self.model.text_projection(self.model.text_model(input_ids=ids.to(x.device)).pooler_output)  # (B, D)
-        return 100 * (img * F.normalize(txt, dim=-1)).sum(-1)  # (B,)
-
-
-def build_reward(spec, device, clip_path="", aesthetic_path=""):
-    """A reward spec, e.g. 'saturation' or '0.5*aesthetic+0.5*clip', -> r(x, prompts) -> (B,). Terms:
-    brightness, saturation, contrast (no download); clip (--clip_path), aesthetic (+ --aesthetic_path)."""
-    from rewards import brightness
-
-    stats = {"brightness": brightness, "saturation": saturation, "contrast": contrast}
-    terms = []
-    for term in spec.replace(" ", "").split("+"):
-        w, star, name = term.rpartition("*")
-        try:
-            w = float(w) if star else 1.0
-        except ValueError:
-            raise UserError(f"reward weight {w!r} in --reward={spec} is not a number") from None
-        if name in stats:
-            terms.append((w, lambda x, p, f=stats[name]: f(x)))
-        elif name in ("clip", "aesthetic"):
-            if name == "aesthetic" and not aesthetic_path:
-                raise UserError("--reward=aesthetic needs the LAION predictor's weights: --aesthetic_path=FILE.pth")
-            terms.append((w, CLIPReward(clip_path, device, aesthetic_path if name == "aesthetic" else "")))
-        else:
-            raise UserError(f"unknown reward {name!r} in --reward={spec}: use brightness, saturation, contrast, "
-                            f"clip or aesthetic, or weighted sums like 0.5*aesthetic+0.5*clip")
-    return lambda x, prompts: sum(w * r(x, prompts) for w, r in terms)  # (B,)

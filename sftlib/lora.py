@@ -11,7 +11,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from common import UserError
+from sftlib.common import UserError
 
 
 class LoRALayer(nn.Module):

@@ -1,7 +1,7 @@
-"""Held-out evaluation of generated samples (`python train_toy.py eval --samples=FILE.npz`).
+"""Held-out metrics of generated samples (`python train_toy.py eval --samples=FILE.npz`).
 
 Every number here comes from models that fine-tuning never saw as a reward:
-- the held-out evaluator's verdict (classifier.py, VGG): class histogram, target-class rate and
+- the held-out evaluator's verdict (sftlib/nets.py, VGG): class histogram, target-class rate and
   mean log p(target); next to it the reward classifier's own score, so a gap shows reward hacking;
 - diversity: the spread of the samples' evaluator features, tr(Sigma_samples) / tr(Sigma_test):
   about 1 for real images, towards 0 when fine-tuning collapses onto a few images (mode collapse);
@@ -19,9 +19,11 @@ import os
 import numpy as np
 import torch
 
-import config
-from common import UserError, load_checkpoint, pick_device
-from data import CLASSES, load_cifar10
+from rewards import build_reward, class_index, parse_reward_spec
+from sftlib import config
+from sftlib.common import UserError, load_checkpoint, pick_device
+from sftlib.data import CLASSES, load_cifar10
+from sftlib.nets import load_classifier
 
 FD_NAME = "evaluator-feature Fréchet distance (not comparable to published FID)"
 N_FLOOR = 10000  # real training images in the floor (the test split has 10k too)
@@ -63,8 +65,6 @@ def net_outputs(net, images_uint8, device, batch_size=500):
 
 
 def _evaluator(out_dir, device):
-    from classifier import load_classifier
-
     path = os.path.join(out_dir, "evaluator", "ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"no held-out evaluator at {path}: train it with "
@@ -126,9 +126,6 @@ def evaluate_samples(images, out_dir, device, target=None, reward=None, inceptio
     target: a CIFAR-10 class name or index (adds the target-class rate and mean log-probabilities);
     reward: a rewards.py spec (adds the mean of that reward over the samples).
     """
-    from classifier import load_classifier
-    from rewards import build_reward, class_index
-
     check_samples(images)
     target = None if target in (None, "") else class_index(target)
     device = torch.device(device)
@@ -220,9 +217,8 @@ def run_eval(args):
     """`python train_toy.py eval --samples=FILE.npz [--target=ship] [--reward=SPEC]`: a table, then
     the metrics as one line of JSON (the last line of the output)."""
     opts = dict(config.EVAL_DEFAULTS)
-    opts.update(config.parse_overrides(args, config.EVAL_DEFAULTS))
-    from rewards import class_index, parse_reward_spec
-
+    opts.update(config.parse_overrides(args, config.EVAL_DEFAULTS, prog="train_toy.py eval",
+                                       description=run_eval.__doc__, source=config.__file__))
     if opts["target"]:
         class_index(opts["target"])  # check the cheap things first: a typo fails in a second
     if opts["reward"]:

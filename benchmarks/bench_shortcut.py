@@ -1,7 +1,7 @@
 """Benchmark: does the distilled shortcut stay on the teacher's DDIM-50 trajectory, and how fast is
-distillation? Run it on the checkpoints of `python train_toy.py` (the ddpm and distill stages):
+distillation? Run it on the checkpoints of `python train_toy.py` (the ddpm and shortcut stages):
 
-    python bench_shortcut.py --out_dir=out [--n=256] [--seed=0] [--device=auto]
+    python benchmarks/bench_shortcut.py --out_dir=out [--n=256] [--seed=0] [--device=auto]
 
 For the same x_T (n samples from a fixed seed, x_T taken as x at t = 981, as in the chain) the teacher
 runs DDIM-50 and its trajectory point x_t is kept at every timestep. Then, for each span a -> b:
@@ -26,11 +26,15 @@ import time
 
 import torch
 
-import config
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as `python benchmarks/<name>.py` from anywhere: the project's modules live at ROOT
+
 import ddpm
-from common import UserError, ema_update, pick_device
-from consistency import N_CHAIN, TeacherChains, cd_loss, edge_of, jump, load_shortcut, shortcut_sample
-from train_ddpm import load_ddpm
+from consistency import TeacherChains, cd_loss, edge_of, jump, shortcut_sample
+from ddpm import N_CHAIN
+from sftlib import config
+from sftlib.common import ema_update, pick_device, run_main
+from sftlib.models import load_ddpm, load_shortcut
 
 BENCH_DEFAULTS = dict(out_dir="out", n=256, seed=0, device="auto", speed_steps=10)
 
@@ -65,12 +69,12 @@ def trajectory_errors(teacher, student, sched, x_T, edges):
     return rows, chained
 
 
-def distill_speed(teacher, student, sched, edges, cfg, device, steps):
-    """img/s of one distillation step, as consistency.train runs it (fp32, no compile)."""
+def shortcut_speed(teacher, student, sched, edges, cfg, device, steps):
+    """img/s of one distillation step, as train_shortcut.train runs it (fp32, no compile)."""
     student = copy.deepcopy(student).train().requires_grad_(True)
     target, ema = copy.deepcopy(student).requires_grad_(False), copy.deepcopy(student).requires_grad_(False)
-    opt = torch.optim.Adam(student.parameters(), lr=cfg["distill_lr"])
-    B, m = cfg["distill_batch"], round(cfg["teacher_chain_frac"] * cfg["distill_batch"])
+    opt = torch.optim.Adam(student.parameters(), lr=cfg["shortcut_lr"])
+    B, m = cfg["shortcut_batch"], round(cfg["teacher_chain_frac"] * cfg["shortcut_batch"])
     chains = TeacherChains(teacher, sched, m, device) if m > 0 else None
     x0 = torch.rand(B - m, 3, 32, 32, device=device) * 2 - 1  # (B - m, 3, 32, 32) random "images" in [-1, 1]
     for i in range(steps + 1):
@@ -83,7 +87,7 @@ def distill_speed(teacher, student, sched, edges, cfg, device, steps):
         loss.backward()
         opt.step()
         ema_update(target, student, cfg["cd_target_ema"])
-        ema_update(ema, student, cfg["distill_ema"])
+        ema_update(ema, student, cfg["shortcut_ema"])
     if device.type == "cuda":
         torch.cuda.synchronize()
     return steps * B / (time.time() - t0)
@@ -95,13 +99,13 @@ def main(args):
     device = pick_device(opts["device"])
     teacher, _, _ = load_ddpm(os.path.join(opts["out_dir"], "ddpm", "ckpt.pt"), device)
     # the student's schedule: x0-clipping on or off as during its distillation (ddpm.py, --clip_x0)
-    student, sched, cfg, edges = load_shortcut(os.path.join(opts["out_dir"], "distill", "ckpt.pt"), device)
+    student, sched, cfg, edges = load_shortcut(os.path.join(opts["out_dir"], "shortcut", "ckpt.pt"), device)
     teacher.requires_grad_(False)
     g = torch.Generator().manual_seed(opts["seed"])
     x_T = torch.randn(opts["n"], 3, 32, 32, generator=g).to(device)  # (n, 3, 32, 32)
     rows, chained = trajectory_errors(teacher, student, sched, x_T, edges)
 
-    print(f"teacher {opts['out_dir']}/ddpm/ckpt.pt, student {opts['out_dir']}/distill/ckpt.pt "
+    print(f"teacher {opts['out_dir']}/ddpm/ckpt.pt, student {opts['out_dir']}/shortcut/ckpt.pt "
           f"(k={len(edges)}, edges {edges}); {opts['n']} samples, seed {opts['seed']}, {device}, "
           f"clip_x0={sched.clip_x0}")
     print("\none jump from the teacher's DDIM-50 point at the span's start; MSE to its DDIM-50 point at the end")
@@ -113,15 +117,11 @@ def main(args):
     print(f"{'at t':>5s} {'student':>10s} {'naive':>10s} {'ratio':>7s}")
     for c in chained:
         print(f"{c['at']:5d} {c['student']:10.2e} {c['naive']:10.2e} {c['student'] / max(c['naive'], 1e-20):7.3f}")
-    ips = distill_speed(teacher, student, sched, edges, cfg, device, opts["speed_steps"])
-    print(f"\ndistillation step: {ips:.1f} img/s (batch {cfg['distill_batch']}, {cfg['cd_loss']} loss, "
+    ips = shortcut_speed(teacher, student, sched, edges, cfg, device, opts["speed_steps"])
+    print(f"\ndistillation step: {ips:.1f} img/s (batch {cfg['shortcut_batch']}, {cfg['cd_loss']} loss, "
           f"{cfg['teacher_solver']} teacher, {device}, {torch.get_num_threads()} CPU threads)")
-    print(json.dumps(dict(edges=edges, jumps=rows, chained=chained, distill_img_per_s=ips)))
+    print(json.dumps(dict(edges=edges, jumps=rows, chained=chained, shortcut_img_per_s=ips)))
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

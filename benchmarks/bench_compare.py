@@ -4,7 +4,7 @@
     python bench_compare.py --quick         # a smoke run: 1 seed, 8 s each, 32 evaluation samples
     python bench_compare.py --seconds=600 --n_eval=2000 --seeds=0,1,2   # on a GPU (one run at a time)
 
-Needs the trained stages in --out_dir (ddpm, distill, classifier/evaluator: `python train_toy.py`).
+Needs the trained stages in --out_dir (ddpm, shortcut, classifier/evaluator: `python train_toy.py`).
 Every run fine-tunes the same base model with the same reward for the same training seconds
 (`--ft_seconds`), in its own folder <out_dir>/compare/seed<S>/<name>/<method>, and is scored on DDIM-50
 samples of its fine-tuned model from the same fixed noise. Writes <out_dir>/compare/results.md
@@ -13,7 +13,7 @@ and reward_vs_time.png.
 Equal compute on a CPU (*choice*): `--jobs=0` (auto) runs two fine-tuning processes side by side with one
 thread each (`--threads`), so every method gets the same one core for the same seconds. The k = 2
 and k = 8 ablations need shortcuts with other segment edges: they are distilled once, starting from
-the k = 4 shortcut (`--distill_init`), for `--k_distill_steps` steps, under <out_dir>/compare/k<k>/.
+the k = 4 shortcut (`--shortcut_init`), for `--k_shortcut_steps` steps, under <out_dir>/compare/k<k>/.
 """
 import json
 import os
@@ -26,13 +26,20 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-import config
-from common import UserError, pick_device
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as `python benchmarks/<name>.py` from anywhere: the project's modules live at ROOT
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+import ddpm
+import train_shortft
+from rewards import build_reward
+from sftlib import config
+from sftlib.common import UserError, pick_device, plot_lines, run_main
+from sftlib.models import build_finetuned, load_shortcut
+from shortft import full_chain, shortft_chain
+
 DEFAULTS = dict(out_dir="out", seconds=60.0, seeds="0,1", n_eval=128, quick=False, device="auto", jobs=0,
                 threads=1, methods="shortft,draft,draft_lv,alignprop,full,full_ckpt,shortft_no_tlora,"
-                "shortft_no_ptrain,shortft_k2,shortft_k8", k_distill_steps=60, grad_norms=True, child_mem="")
+                "shortft_no_ptrain,shortft_k2,shortft_k8", k_shortcut_steps=60, grad_norms=True, child_mem="")
 # name -> the train_toy.py overrides that make it
 RUNS = {"shortft": [], "draft": ["--method=draft"], "draft_lv": ["--method=draft_lv"],
         "alignprop": ["--method=alignprop"], "full": ["--method=full"],
@@ -56,16 +63,13 @@ def step_memory(name, out_dir, device):
     above what was allocated before the step; on a CPU the rise of the process's peak RSS in its first
     step with gradients, over its peak after the same chain ran once without them (the warm-up). The
     warm-up must not build a graph: its peak would hide the step's (ru_maxrss never goes down)."""
-    import train_shortft
-    from consistency import load_shortcut
-    from rewards import build_reward
 
     cfg = config.resolve([f"--out_dir={out_dir}", *RUNS[name]], torch.cuda.is_available())
     k = k_of(name)
-    distill = os.path.join(out_dir, "compare", f"k{k}", "distill") if k else os.path.join(out_dir, "distill")
-    student, _, _, edges = load_shortcut(os.path.join(distill, "ckpt.pt"), device)
+    shortcut = os.path.join(out_dir, "compare", f"k{k}", "shortcut") if k else os.path.join(out_dir, "shortcut")
+    student, _, _, edges = load_shortcut(os.path.join(shortcut, "ckpt.pt"), device)
     reward = build_reward(cfg["reward"], out_dir, device)
-    ft, sched = train_shortft.build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
+    ft, sched = build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
     ft.unet.eval()
     x_T = torch.randn(cfg["ft_batch"], 3, 32, 32, device=device)
     with torch.no_grad():  # warm-up: the same forward calls (buffers, kernels), but no graph kept
@@ -83,17 +87,12 @@ def step_memory(name, out_dir, device):
 
 def grad_norm_vs_chain(out_dir, device, n=8):
     """|d reward / d LoRA| at the start of fine-tuning: full backprop through DDIM-10/20/50 vs ShortFT."""
-    import ddpm
-    import train_shortft
-    from consistency import load_shortcut
-    from rewards import build_reward
-    from shortft import full_chain, shortft_chain
 
     cfg = config.resolve([f"--out_dir={out_dir}", "--lora_rank=4"], torch.cuda.is_available())
-    student, _, _, edges = load_shortcut(os.path.join(out_dir, "distill", "ckpt.pt"), device)
+    student, _, _, edges = load_shortcut(os.path.join(out_dir, "shortcut", "ckpt.pt"), device)
     reward = build_reward(cfg["reward"], out_dir, device)
     cfg["method"] = "full"  # one plain LoRA, so every chain differentiates the same parameters
-    ft, sched = train_shortft.build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
+    ft, sched = build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
     ft.unet.eval()
     for p in ft.unet.parameters():  # a small random B so that d/dB is not a degenerate zero-LoRA case
         if p.requires_grad and p.dim() >= 2 and p.abs().sum() == 0:
@@ -116,14 +115,10 @@ def chain_fidelity(out_dir, device, n=64):
     """How close the ShortFT chain's x_0 is to the real DDIM-50 x_0 of the untuned base model from the
     same x_T (mean squared error per pixel), next to the same chain with the teacher's own one-jump
     DDIM in place of the shortcut, and to the distance between samples of different noise."""
-    import ddpm
-    import train_shortft
-    from consistency import load_shortcut
-    from shortft import shortft_chain
 
     cfg = config.resolve([f"--out_dir={out_dir}"], torch.cuda.is_available())
-    student, _, _, edges = load_shortcut(os.path.join(out_dir, "distill", "ckpt.pt"), device)
-    ft, sched = train_shortft.build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
+    student, _, _, edges = load_shortcut(os.path.join(out_dir, "shortcut", "ckpt.pt"), device)
+    ft, sched = build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
     x_T = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     real = ddpm.ddim_sample(ft, sched, x_T, ddpm.ddim_timesteps(sched.T, 50))  # (n, 3, 32, 32)
     mse = lambda a: float((a - real).pow(2).mean())
@@ -139,14 +134,14 @@ def child_env(opts):
 
 def call(args, what, env=None):
     """Run `python ARGS` from here, quietly; a failure becomes one UserError line (its last stderr line)."""
-    p = subprocess.run([sys.executable, *args], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                        text=True, env=env)
     if p.returncode != 0:
         raise UserError(f"{what} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
 
 
 def shortcut_for_k(k, opts, device):
-    """<out_dir>/compare/k<k>/distill: a shortcut with k segments, re-segmented from the k = 4 one."""
+    """<out_dir>/compare/k<k>/shortcut: a shortcut with k segments, re-segmented from the k = 4 one."""
     base = os.path.abspath(opts["out_dir"])
     out = os.path.join(base, "compare", f"k{k}")
     os.makedirs(out, exist_ok=True)
@@ -155,13 +150,13 @@ def shortcut_for_k(k, opts, device):
             os.symlink(os.path.join(base, link), os.path.join(out, link))
     data_root = torch.load(os.path.join(base, "ddpm", "ckpt.pt"), map_location="cpu",
                            weights_only=False)["config"]["data_root"]
-    print(f"[compare] the k = {k} shortcut: {opts['k_distill_steps']} steps from the k = 4 one", flush=True)
+    print(f"[compare] the k = {k} shortcut: {opts['k_shortcut_steps']} steps from the k = 4 one", flush=True)
     # --resume: a complete shortcut is skipped, a killed distillation continues, a missing one starts
-    call([os.path.join(HERE, "train_toy.py"), "--stages=distill", f"--out_dir={out}", f"--k_segments={k}",
-          f"--distill_steps={opts['k_distill_steps']}", f"--data_root={data_root}",
-          f"--distill_init={os.path.join(base, 'distill', 'ckpt.pt')}", f"--device={device.type}",
+    call([os.path.join(ROOT, "train_toy.py"), "--stages=shortcut", f"--out_dir={out}", f"--k_segments={k}",
+          f"--shortcut_steps={opts['k_shortcut_steps']}", f"--data_root={data_root}",
+          f"--shortcut_init={os.path.join(base, 'shortcut', 'ckpt.pt')}", f"--device={device.type}",
           "--sample_every=1000000", "--resume"], f"distilling the k = {k} shortcut")
-    return os.path.join(out, "distill")
+    return os.path.join(out, "shortcut")
 
 
 def run(name, seed, opts, device):
@@ -171,10 +166,10 @@ def run(name, seed, opts, device):
     k = k_of(name)
     out = os.path.join(base, "compare", f"seed{seed}", name)
     os.makedirs(out, exist_ok=True)
-    for stage in ("ddpm", "distill", "classifier", "evaluator"):  # the shared, already trained stages
+    for stage in ("ddpm", "shortcut", "classifier", "evaluator"):  # the shared, already trained stages
         if not os.path.exists(os.path.join(base, stage, "ckpt.pt")):
             raise UserError(f"{base}/{stage}/ckpt.pt is missing: run `python train_toy.py` first")
-        src = os.path.join(base, "compare", f"k{k}", stage) if stage == "distill" and k else os.path.join(base, stage)
+        src = os.path.join(base, "compare", f"k{k}", stage) if stage == "shortcut" and k else os.path.join(base, stage)
         if not os.path.exists(os.path.join(out, stage)):
             os.symlink(src, os.path.join(out, stage))
     run_dir = os.path.join(out, method_of(name))  # where train_shortft writes: <out>/<method>
@@ -185,7 +180,7 @@ def run(name, seed, opts, device):
         if os.path.isdir(run_dir):  # a killed run: start it over (a time budget cannot be resumed fairly)
             for f in os.listdir(run_dir):
                 os.remove(os.path.join(run_dir, f))
-        call([os.path.join(HERE, "train_toy.py"), *args], f"{name}, seed {seed}", env=child_env(opts))
+        call([os.path.join(ROOT, "train_toy.py"), *args], f"{name}, seed {seed}", env=child_env(opts))
     with open(os.path.join(run_dir, "metrics.json")) as f:
         m = json.load(f)
     with open(os.path.join(run_dir, "log.csv")) as f:
@@ -195,7 +190,7 @@ def run(name, seed, opts, device):
 
 def main(argv):
     given = config.parse_overrides(argv, DEFAULTS)
-    quick = dict(seconds=8.0, seeds="0", n_eval=32, k_distill_steps=4) if given.get("quick") else {}
+    quick = dict(seconds=8.0, seeds="0", n_eval=32, k_shortcut_steps=4) if given.get("quick") else {}
     opts = {**DEFAULTS, **quick, **given}  # --quick's smaller sizes, unless given explicitly
     device = pick_device(opts["device"])
     if opts["child_mem"]:
@@ -224,7 +219,7 @@ def main(argv):
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     def child_mem(n):  # one training step's peak memory, measured in a fresh process per method
         p = subprocess.run([sys.executable, __file__, f"--child_mem={n}", f"--out_dir={opts['out_dir']}",
-                            f"--device={device.type}"], capture_output=True, text=True, cwd=HERE,
+                            f"--device={device.type}"], capture_output=True, text=True, cwd=ROOT,
                            env=child_env(opts))
         return float(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else float("nan")
 
@@ -267,30 +262,10 @@ def main(argv):
 
 
 def plot(results, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for n, runs in results.items():
-        _, r = runs[0]
-        w = max(1, len(r) // 10)
-        ax.plot(np.cumsum(r[:, 4])[w - 1:] / 1000, np.convolve(r[:, 2], np.ones(w) / w, "valid"), label=n)
-    ax.set_xlabel("training seconds")
-    ax.set_ylabel("batch reward (running mean)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """Batch reward against training seconds, one line per run (its first seed)."""
+    plot_lines({n: (np.cumsum(runs[0][1][:, 4]) / 1000, runs[0][1][:, 2]) for n, runs in results.items()}, path,
+               "training seconds", "batch reward", smooth=10)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

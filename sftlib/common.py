@@ -1,14 +1,30 @@
-"""Small shared helpers: errors for users, device choice, atomic checkpoints, EMA, image grids."""
+"""Small shared helpers: errors for users and the entry points' guard, device choice, atomic checkpoints
+and safetensors exports, EMA, image grids and line plots."""
 import contextlib
+import json
 import os
 import random
+import sys
 
 import numpy as np
 import torch
 
 
 class UserError(Exception):
-    """A problem with the user's input: train_toy.py prints it as one line and exits with code 2."""
+    """A problem with the user's input: every entry point prints it as one line and exits with code 2."""
+
+
+def run_main(main):
+    """The guard of every entry point: main(sys.argv[1:]); a UserError is one line on stderr and exit
+    code 2, never a traceback; Ctrl-C keeps the last checkpoint and says how to go on."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is kept; rerun with --resume to continue", file=sys.stderr)
+        sys.exit(130)
 
 
 def pick_device(name="auto"):
@@ -34,7 +50,10 @@ def seed_all(seed):
 
 
 def rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state, in types that torch.load(weights_only=True) reads back (no numpy arrays)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
+                                                       gauss), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -42,7 +61,8 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -63,7 +83,7 @@ def load_checkpoint(path, kind):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
     except Exception as e:  # pickle/zip errors: the file is truncated or not a checkpoint
         raise UserError(f"could not read checkpoint {path} ({type(e).__name__}): is it corrupt?") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
@@ -72,6 +92,27 @@ def load_checkpoint(path, kind):
     if ckpt["kind"] not in kinds:
         raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, expected {' or '.join(map(repr, kinds))}")
     return ckpt
+
+
+def export_safetensors(state_dict, cfg, path, **meta):
+    """Weights meant for sharing, as .safetensors (no pickle: safe to load from anyone) with the run's
+    config (and any other strings in meta) as JSON in the file's metadata."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata={"config": json.dumps(cfg), **{k: json.dumps(v) for k, v in meta.items()}})
+    os.replace(tmp, path)
+
+
+def read_safetensors(path):
+    """(state_dict, metadata with its JSON values decoded) of a file written by export_safetensors."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
 
 
 @torch.no_grad()  # the EMA is bookkeeping, not part of any graph
@@ -113,3 +154,24 @@ def open_log(out, header, fresh):
     if fresh:
         log.write(header + "\n")
     return log, fresh
+
+
+def plot_lines(series, path, xlabel, ylabel, smooth=20):
+    """A PNG of named lines {label: (x, y)} and their running means (a window of len / smooth points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (x, y) in series.items():
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        w = max(1, len(y) // smooth)
+        line, = ax.plot(x, y, alpha=0.25)
+        ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, "valid"), color=line.get_color(), label=f"{label} (mean of {w})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

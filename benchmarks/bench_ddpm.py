@@ -1,9 +1,9 @@
 """Benchmark of the DDPM foundation: training throughput and peak memory of the UNets, and the
 wall time of the DDPM stage.
 
-    python bench.py                      # both UNets on the current device (cuda -> mps -> cpu)
-    python bench.py --iters=20 --device=cuda
-    python bench.py --run_stage=true     # also time `train_toy.py --stages=ddpm` from scratch (CPU preset)
+    python benchmarks/bench_ddpm.py                      # both UNets on the current device (cuda -> mps -> cpu)
+    python benchmarks/bench_ddpm.py --iters=20 --device=cuda
+    python benchmarks/bench_ddpm.py --run_stage=true     # also time `train_toy.py --stages=ddpm` from scratch (CPU preset)
 
 Each UNet is measured in a fresh child process, so the peak memory it reports is its own:
 CUDA: torch.cuda.max_memory_allocated; CPU: the child's peak resident set size (ru_maxrss).
@@ -18,9 +18,12 @@ import time
 
 import torch
 
-import config
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as `python benchmarks/<name>.py` from anywhere: the project's modules live at ROOT
+
 import ddpm
-from common import UserError, pick_device
+from sftlib import config
+from sftlib.common import UserError, pick_device, run_main
 from unet import build_unet
 
 DEFAULTS = dict(device="auto", iters=5, run_stage=False, out_dir="out", data_root="../shared/data/cifar10",
@@ -32,7 +35,7 @@ def measure(name, device, iters):
     """Train steps/s and sampling img/s of one UNet; runs inside the child process."""
     cfg = dict(config.DEFAULTS, **MODELS[name])
     big_on_cpu = device.type != "cuda" and cfg["ch"] > 64
-    B = 8 if big_on_cpu else cfg["batch_size"]  # the 35.7M UNet is a GPU model: small batch elsewhere
+    B = 8 if big_on_cpu else cfg["ddpm_batch"]  # the 35.7M UNet is a GPU model: small batch elsewhere
     model = build_unet(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     sched = ddpm.Schedule(device=device)
@@ -97,13 +100,9 @@ def main(argv):
             t0 = time.time()
             subprocess.run([sys.executable, "train_toy.py", "--stages=ddpm", "--preset=cpu", f"--out_dir={out}",
                             f"--data_root={opts['data_root']}", f"--device={device.type}"], check=True,
-                           cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.DEVNULL)
+                           cwd=ROOT, stdout=subprocess.DEVNULL)
             print(f"CPU-preset DDPM stage, from scratch: {(time.time() - t0) / 60:.1f} min wall on {device}")
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

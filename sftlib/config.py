@@ -1,0 +1,220 @@
+"""One flat, typed configuration (in the style of nanoGPT's configurator), read by argparse.
+
+DEFAULTS *are* the CPU run: reading them tells you exactly what `python train_toy.py` does on a
+laptop. PRESETS["gpu"] overrides a few of them for the real run. `--key=value` (or `--key value`)
+on the command line overrides both; the type of each value is the type of its default, an unknown
+key is an error (with a "did you mean"), and `--help` lists every key with its type, default and
+the comment beside it here. Keys carry their stage as prefix: ddpm_*, shortcut_*, cls_*, ft_*.
+The resolved config is printed at start and stored in every checkpoint.
+"""
+import argparse
+import difflib
+import inspect
+import os
+import re
+
+from sftlib.common import UserError
+
+DEFAULTS = dict(
+    # --- run ---
+    preset="auto",  # auto | cpu | gpu  (auto: gpu when CUDA is available, else cpu)
+    device="auto",  # auto | cuda | mps | cpu  (auto: cuda -> mps -> cpu)
+    stages="all",  # which pipeline stages to run: all, or a comma list (e.g. ddpm)
+    out_dir="out",  # every stage writes under here: out/ddpm/ckpt.pt, out/ddpm/samples_*.png, ...
+    data_root="data",  # CIFAR-10: a folder in ImageFolder layout (train/<class>/*.jpg), else downloaded here; default: $SHORTFT_CIFAR if set
+    n_train=0,  # use only the first n_train training images (evenly over classes); 0 = all 50k
+    seed=0,
+    resume=False,  # continue a killed stage from its checkpoint
+    bf16=False,  # bf16 autocast (CUDA only)
+    compile=False,  # torch.compile the UNet (CUDA only)
+    log_every=25,  # progress bar and log.csv: a row every this many steps
+    sample_every=300,  # ddpm and shortcut stages: a sample grid from fixed noise every this many steps
+    # --- the diffusion process (Ho et al. 2020) ---
+    T=1000,
+    beta_1=1e-4,
+    beta_T=0.02,
+    clip_x0=True,  # samplers clip the predicted x_0 to [-1, 1] (ddpm.py's docstring says why)
+    # --- the UNet (CPU: 0.7M parameters) ---
+    ch=16,
+    ch_mult="1,2,4",
+    num_res_blocks=1,
+    attn_res="8",  # resolutions with self-attention, comma separated
+    dropout=0.0,
+    # --- DDPM training (train_ddpm.py) ---
+    ddpm_steps=900,
+    ddpm_batch=64,
+    ddpm_lr=1e-3,
+    ddpm_warmup=100,  # linear lr warmup steps (Ho et al. 2020 use 5000 at full scale)
+    ddpm_grad_clip=1.0,
+    ddpm_ema=0.999,  # EMA rate of the weights that are sampled
+    ddpm_ckpt_every=100,
+    # --- reward classifier and held-out evaluator (train_classifier.py) ---
+    classifier_width=8,  # the reward classifier: ResNet-9 (Page 2018), channels w, 2w, 4w, 8w
+    classifier_steps=2000,  # 5 epochs of batch 128: a weaker reward classifier is easier to hack (README)
+    evaluator_width=8,  # the held-out evaluator: VGG-style, channels w..8w (its 8w features give the FD)
+    evaluator_steps=1500,
+    cls_batch=128,  # these five are shared by both nets: SGD + Nesterov, one-cycle lr
+    cls_lr=0.2,
+    cls_weight_decay=5e-4,
+    cls_label_smoothing=0.2,
+    cls_ckpt_every=100,
+    n_test=0,  # use only the first n_test test images (evenly over classes); 0 = all 10k
+    # --- the shortcut: consistency distillation (train_shortcut.py, consistency.py) ---
+    k_segments=4,  # segments of the DDIM-50 chain; edges at their last timesteps (k=4: 761, 501, 261, 1)
+    shortcut_steps=300,
+    shortcut_batch=64,
+    shortcut_lr=1e-3,
+    shortcut_grad_clip=1.0,
+    shortcut_ckpt_every=100,
+    cd_loss="huber",  # huber (pseudo-Huber, Song & Dhariwal 2023) | l2 (Song et al. 2023)
+    cd_target_ema=0.0,  # mu of the target network: 0 = stop-grad student (Song & Dhariwal 2023); Song et al. 2023: 0.95
+    shortcut_ema=0.99,  # EMA of the student: the weights sampled, and used as the shortcut by ShortFT
+    teacher_solver="ddim",  # ddim | heun: the teacher's ODE step t_{n+1} -> t_n
+    teacher_chain_frac=0.5,  # part of each batch on the teacher's own DDIM-50 chains, not q(x_t|x_0) of real data
+    shortcut_init="",  # a shortcut ckpt.pt to start the student from (its EMA) instead of the teacher: k ablations
+    # --- ShortFT reward fine-tuning (shortft.py, train_shortft.py) ---
+    reward="classifier:ship",  # rewards.py spec: brightness, brightness:0.8, classifier:<class>, 0.7*a+0.3*b
+    ft_steps=60,  # with ft_lr: held-out ship rate ~3x the base's before quality drops much (README: the curve)
+    ft_seconds=0.0,  # > 0: a wall-clock budget of training seconds instead of ft_steps (equal compute)
+    ft_batch=8,
+    ft_lr=4e-4,
+    ft_grad_clip=1.0,
+    ft_reward_scale=1.0,  # loss = -ft_reward_scale * mean reward
+    lora_rank=4,  # the paper uses 128 on SD 1.5
+    lora_alpha=4.0,
+    lora_targets="",  # comma list of layer-name parts to put LoRA on (e.g. attn,temb); empty = every conv/linear
+    full_ft=False,  # train all base weights instead of LoRA (no T-LoRA then)
+    tlora=True,  # timestep-aware LoRA: one LoRA per segment, stacked (PAPER.md Sec. 3)
+    progressive=True,  # P-Training: k stages, the real chain grows by a segment each stage
+    n_eval=256,  # DDIM-50 samples from fixed noise, scored before and after fine-tuning
+    ft_ckpt_every=20,
+    ft_eval_every=0,  # > 0: also score DDIM-50 samples every this many steps (eval.csv: the reward/quality curve)
+    method="shortft",  # shortft | draft | draft_lv | alignprop | full: where the gradient is cut (shortft.py)
+    draft_k=1,  # DRaFT-K: the last K of the 50 steps carry gradient
+    lv_n=2,  # DRaFT-LV: copies of the last step
+    alignprop_min=35,  # AlignProp: the cut is uniform in [min, max] of the 50 steps (its default 35..45)
+    alignprop_max=45,
+    full_checkpoint=False,  # full backprop: gradient checkpointing on every UNet call
+)
+
+PRESETS = {
+    "cpu": {},
+    # The DDPM of Ho et al. 2020 for CIFAR-10 (35.7M parameters), trained for what fits ~20 min on one H100.
+    "gpu": dict(ch=128, ch_mult="1,2,2,2", num_res_blocks=2, attn_res="16", dropout=0.1,
+                ddpm_steps=40000, ddpm_batch=128, ddpm_lr=2e-4, ddpm_warmup=1000, ddpm_ema=0.9999,
+                log_every=100, sample_every=5000, ddpm_ckpt_every=2000,
+                shortcut_steps=10000, shortcut_batch=128, shortcut_lr=1e-4, shortcut_ema=0.999,
+                shortcut_ckpt_every=2000,
+                classifier_width=64, evaluator_width=64, classifier_steps=2500, evaluator_steps=2500,
+                cls_batch=512, cls_lr=0.4, cls_ckpt_every=500,
+                ft_steps=1500, ft_batch=32, lora_rank=16, lora_alpha=16.0, n_eval=2000, ft_ckpt_every=250),
+}
+
+SAMPLE_DEFAULTS = dict(  # keys of `python train_toy.py sample`
+    ckpt="",  # a checkpoint of the ddpm, shortcut or shortft stage (e.g. out/ddpm/ckpt.pt)
+    n=64,  # how many images
+    sampler="ddim",  # ddim | ddpm | shortcut (a shortcut checkpoint: k + 1 network calls)
+    steps=50,  # DDIM steps
+    eta=0.0,  # DDIM stochasticity (Song et al. 2021, Eq. 16)
+    out="samples.npz",  # uint8 (N, 32, 32, 3) under 'images', and a PNG grid next to it
+    seed=0,
+    device="auto",
+    batch=256,  # images per network call
+    clip_x0=True,  # clip the predicted x_0 to [-1, 1] (ddpm.py)
+)
+
+EVAL_DEFAULTS = dict(  # keys of `python train_toy.py eval` (sftlib/metrics.py)
+    samples="",  # a .npz written by `python train_toy.py sample`
+    target="",  # a CIFAR-10 class: adds the target-class rate and mean log p(target)
+    reward="",  # a rewards.py spec: adds the samples' mean reward
+    out_dir="out",  # where the evaluator and reward classifier checkpoints are
+    device="auto",
+    inception=False,  # also Inception FID (needs torchmetrics[image] and its weights)
+    inception_weights="",  # a local pt_inception-2015-12-05 file, for machines without internet
+)
+
+
+def _convert(key, raw, default):
+    """Parse a command-line string to the type of the default, or raise a one-line error."""
+    kind = type(default)
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+    else:
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    raise UserError(f"--{key} expects a {kind.__name__}, got {raw!r}")
+
+
+def _comments(paths):
+    """key -> the comment beside `key=...,  # comment` in the given source files (the first one wins)."""
+    found = {}
+    for path in paths:
+        if not os.path.isfile(path):  # e.g. python -c
+            continue
+        with open(path) as f:
+            for line in f:
+                m = re.match(r"\s*(\w+)=[^#]*#\s*(.*)$", line)
+                if m:
+                    found.setdefault(m.group(1), m.group(2).strip())
+    return found
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage and exits; here bad input is one UserError line
+        m = re.match(r"argument --(\w+): expected one argument", message)
+        raise UserError(f"--{m.group(1)} needs a value: --{m.group(1)}=..." if m else message)
+
+
+def parser(defaults, prog=None, description=None, source=None):
+    """An argparse parser with one --key per defaults entry: typed by its default, documented by the
+    comment beside it in this file or in `source` (the caller's file), a bare --flag meaning true."""
+    notes = _comments([p for p in (source, __file__) if p])
+    p = _Parser(prog=prog, description=description, allow_abbrev=False,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, default in defaults.items():
+        kind = type(default).__name__
+        note = notes.get(key, "")
+        p.add_argument(f"--{key}", metavar=kind.upper(), default=argparse.SUPPRESS,
+                       type=lambda raw, k=key, d=default: _convert(k, raw, d),
+                       nargs="?" if isinstance(default, bool) else None,
+                       const=True if isinstance(default, bool) else None,
+                       help=f"{note} ({kind}, default: {default!r})".strip().replace("%", "%%"))
+    return p
+
+
+def parse_overrides(args, defaults, prog=None, description=None, source=None):
+    """['--key=value', '--key', 'value', '--flag', ...] -> {key: typed value}, only the keys given.
+    Unknown key, bad type or missing value: UserError. --help prints every key and exits."""
+    if source is None:  # the caller's file: its comments document its own defaults
+        source = inspect.stack()[1].filename
+    ns, unknown = parser(defaults, prog, description, source).parse_known_args(list(args))
+    for arg in unknown:
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: options look like --key=value")
+        key = arg[2:].partition("=")[0]
+        close = difflib.get_close_matches(key, defaults, n=1)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        raise UserError(f"unknown option --{key}{hint}")
+    return vars(ns)
+
+
+def resolve(args, cuda_available, description=None):
+    """Defaults, then the preset, then the command line."""
+    overrides = parse_overrides(args, DEFAULTS, description=description, source=__file__)
+    cfg = dict(DEFAULTS)
+    preset = overrides.get("preset", "auto")
+    if preset == "auto":
+        preset = "gpu" if cuda_available else "cpu"
+    if preset not in PRESETS:
+        raise UserError(f"--preset must be one of auto, {', '.join(PRESETS)}; got {preset!r}")
+    cfg.update(PRESETS[preset])
+    cfg.update(overrides)
+    cfg["preset"] = preset
+    if cfg["data_root"] == DEFAULTS["data_root"] and os.environ.get("SHORTFT_CIFAR"):
+        cfg["data_root"] = os.environ["SHORTFT_CIFAR"]  # a local copy named by the environment
+    return cfg

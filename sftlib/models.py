@@ -1,0 +1,62 @@
+"""Loading the models the stages write, for the later stages and for sampling: the base DDPM, the
+shortcut (its distilled student) and the fine-tuned base model (base + LoRA)."""
+import ddpm
+from sftlib import lora
+from sftlib.common import UserError, load_checkpoint
+from shortft import FineTuned, merge_for_sampling, segment_groups
+from unet import build_unet
+
+# the config keys that decide the shape of the UNet: a resumed run must not change them
+MODEL_KEYS = ("T", "beta_1", "beta_T", "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout")
+
+
+def schedule_of(cfg, device):
+    """The noise schedule a checkpoint's config describes (x0-clipping as it was trained with)."""
+    return ddpm.Schedule(cfg["T"], cfg["beta_1"], cfg["beta_T"], device, cfg.get("clip_x0", True))
+
+
+def _unet_from(ckpt, path, weights):
+    model = build_unet(ckpt["config"])
+    try:
+        model.load_state_dict(ckpt[weights])
+    except RuntimeError:
+        raise UserError(f"{path}: weights do not match the UNet its config describes") from None
+    return model
+
+
+def load_ddpm(path, device, use_ema=True):
+    """(model, schedule, config) from a DDPM checkpoint; the EMA weights unless use_ema=False."""
+    ckpt = load_checkpoint(path, "ddpm")
+    model = _unet_from(ckpt, path, "ema" if use_ema else "model")
+    return model.to(device).eval(), schedule_of(ckpt["config"], device), ckpt["config"]
+
+
+def load_shortcut(path, device, use_ema=True):
+    """(student, schedule, config, edges) from a shortcut checkpoint: frozen and in eval mode, ready to
+    be used as the shortcut inside a fine-tuning chain. The EMA weights unless use_ema=False. The
+    schedule clips x0_hat (or not) as during distillation: jump with it to stay on that trajectory."""
+    ckpt = load_checkpoint(path, "shortcut")
+    student = _unet_from(ckpt, path, "ema" if use_ema else "model")
+    return (student.to(device).eval().requires_grad_(False), schedule_of(ckpt["config"], device), ckpt["config"],
+            list(ckpt["edges"]))
+
+
+def build_finetuned(cfg, base_path, shortcut_edges, device):
+    """The base UNet (EMA weights) with LoRA (or fully trainable), wrapped as a FineTuned eps-predictor."""
+    unet, sched, _ = load_ddpm(base_path, device)
+    groups = segment_groups(ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN), list(shortcut_edges))
+    tlora = cfg["tlora"] and not cfg["full_ft"] and cfg["method"] == "shortft"  # the baselines train one plain LoRA
+    if cfg["full_ft"]:
+        unet.requires_grad_(True)
+    else:
+        lora.add_lora(unet, cfg["lora_rank"], cfg["lora_alpha"], len(groups) if tlora else 1, cfg["lora_targets"])
+        unet.to(device)
+    return FineTuned(unet, groups, tlora=tlora), sched
+
+
+def load_finetuned(path, device):
+    """(eps-predictor with merged weights, schedule) from a shortft checkpoint, for `sample`."""
+    ckpt = load_checkpoint(path, "shortft")
+    ft, sched = build_finetuned(ckpt["config"], ckpt["base"], ckpt["edges"], device)
+    ft.unet.load_state_dict(ckpt["unet"])
+    return merge_for_sampling(ft), sched

@@ -1,0 +1,96 @@
+"""The layout: the import graph of the project's own modules is a DAG, concept modules import no stage,
+the library imports no stage or entry point, and every entry point answers --help with all its options."""
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+CONCEPTS = {"ddpm", "unet", "consistency", "shortft", "rewards"}  # what a paper reader opens first
+SCRIPTS = {"train_toy", "train_ddpm", "train_shortcut", "train_classifier", "train_shortft", "train_sd"}
+
+
+def modules():
+    """{module name: file} for the root .py files, sftlib/ and benchmarks/ (as 'sftlib.x', 'benchmarks.x')."""
+    found = {f[:-3]: os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py")}
+    for pkg in ("sftlib", "benchmarks"):
+        for f in os.listdir(os.path.join(ROOT, pkg)):
+            if f.endswith(".py") and f != "__init__.py":
+                found[f"{pkg}.{f[:-3]}"] = os.path.join(ROOT, pkg, f)
+    return found
+
+
+def imports(path, names):
+    """The project modules that `path` imports anywhere in it (top level or inside functions)."""
+    out = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}  # from sftlib import config
+    return out & set(names)
+
+
+def graph():
+    mods = modules()
+    return {m: imports(p, mods) for m, p in mods.items()}
+
+
+def test_import_graph_is_a_dag():
+    g = graph()
+    assert {"shortft", "consistency", "sftlib.config", "train_shortcut"} <= set(g)  # the parser sees the tree
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == "done":
+            return
+        assert state.get(m) != "open", "import cycle: " + " -> ".join(path + [m])
+        state[m] = "open"
+        for d in sorted(g[m]):
+            visit(d, path + [m])
+        state[m] = "done"
+
+    for m in g:
+        visit(m, [])
+
+
+def test_a_cycle_would_be_found(tmp_path):
+    """The checker itself: two files importing each other are a cycle."""
+    (tmp_path / "a.py").write_text("import b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from a import x\n")
+    names = {"a": 0, "b": 0}
+    assert imports(str(tmp_path / "a.py"), names) == {"b"} and imports(str(tmp_path / "b.py"), names) == {"a"}
+
+
+def test_concepts_and_library_import_no_stage_or_entry_point():
+    for m, deps in graph().items():
+        if m in CONCEPTS or m.startswith("sftlib."):
+            bad = {d for d in deps if d in SCRIPTS or d.startswith("benchmarks.")}
+            assert not bad, f"{m} imports {bad}"
+
+
+def test_no_root_module_shadows_a_common_package():
+    for name in ("config", "common", "data", "evaluate", "utils", "sd", "lora", "classifier", "bench"):
+        assert not os.path.exists(os.path.join(ROOT, name + ".py")), name
+
+
+@pytest.mark.parametrize("script,key", [("train_toy.py", "--ddpm_lr"), ("train_ddpm.py", "--ddpm_batch"),
+                                        ("train_shortcut.py", "--shortcut_steps"), ("train_shortft.py", "--ft_lr"),
+                                        ("train_classifier.py", "--cls_batch"),
+                                        ("benchmarks/bench_compare.py", "--seconds")])
+def test_help_lists_every_option(script, key):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert key in p.stdout and "default:" in p.stdout, p.stdout[-2000:]
+    if script == "train_toy.py":
+        from sftlib import config
+
+        missing = [k for k in config.DEFAULTS if f"--{k} " not in p.stdout.replace("\n", " ")]
+        assert not missing, missing
+        assert "(float, default: 0.001)" in " ".join(p.stdout.split())  # --ddpm_lr: type and default
+        assert "linear lr warmup" in p.stdout  # the comment beside the key in the defaults

@@ -1,0 +1,126 @@
+"""Stage `shortcut`: distil the DDPM into the few-step shortcut S(x_t, t -> s_j) by segment-wise
+consistency distillation (Song et al. 2023, Algorithm 2, with the segment edge as the boundary; the
+concept, loss and sampler are in consistency.py).
+
+Reads <out_dir>/ddpm/ckpt.pt (the teacher). Writes <out_dir>/shortcut/ckpt.pt = {kind: "shortcut",
+model, ema, target, opt, step, config, rng, edges, teacher, elapsed} (the resume checkpoint),
+<out_dir>/shortcut/model.safetensors (the EMA student, the shortcut ShortFT uses, with the config and
+edges in the metadata), <out_dir>/shortcut/samples_{step}.png (top half: teacher DDIM-50; bottom half:
+the (k+1)-call shortcut sampler, same noise) and <out_dir>/shortcut/log.csv (step, loss, img/s).
+
+    python train_shortcut.py --shortcut_steps=1000   # this stage alone (= python train_toy.py --stages=shortcut)
+"""
+import copy
+import os
+import time
+
+import torch
+
+import ddpm
+from consistency import TeacherChains, cd_loss, segment_edges, shortcut_sample
+from sftlib.common import (UserError, bf16_autocast, ema_update, export_safetensors, load_checkpoint, save_grid,
+                           set_rng_state)
+from sftlib.data import DeviceBatches, load_cifar10
+from sftlib.models import MODEL_KEYS, load_ddpm
+from sftlib.stage import Stage, run_alone
+
+
+@torch.no_grad()  # sampling grids for a look: no gradients needed
+def sample_grid(teacher, student, sched, x_T, edges, path):
+    """Top half: the teacher's DDIM-50 samples; bottom half: the shortcut sampler on the same noise."""
+    x_teacher = ddpm.ddim_sample(teacher, sched, x_T, ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN))  # (B, 3, 32, 32)
+    save_grid(torch.cat([x_teacher, shortcut_sample(student, sched, x_T, edges)]), path)
+
+
+def check(cfg):
+    for key, allowed in (("cd_loss", ("l2", "huber")), ("teacher_solver", ("ddim", "heun"))):
+        if cfg[key] not in allowed:
+            raise UserError(f"--{key} must be {' or '.join(allowed)}, got {cfg[key]!r}")
+    if not 0 <= cfg["teacher_chain_frac"] <= 1:
+        raise UserError(f"--teacher_chain_frac must be in [0, 1], got {cfg['teacher_chain_frac']}")
+
+
+def train(cfg, device):
+    steps = cfg["shortcut_steps"]
+    stage = Stage(cfg, "shortcut", kind="shortcut", steps=steps, columns=("loss",))
+    teacher_path = os.path.join(cfg["out_dir"], "ddpm", "ckpt.pt")
+    if not os.path.isfile(teacher_path):
+        raise UserError(f"[shortcut] no teacher at {teacher_path}: run the ddpm stage first "
+                        f"(python train_toy.py --stages=ddpm --out_dir={cfg['out_dir']})")
+    check(cfg)
+    ckpt = stage.resume_or_skip(complete=lambda c: c["step"] >= c["config"]["shortcut_steps"] and c["step"] >= steps)
+    if stage.skipped:
+        return stage.ckpt_path
+    teacher, sched, teacher_cfg = load_ddpm(teacher_path, device)  # the DDPM's EMA weights
+    teacher.requires_grad_(False)
+    edges = segment_edges(sched.T, ddpm.N_CHAIN, cfg["k_segments"])
+    cfg.update({k: teacher_cfg[k] for k in MODEL_KEYS})  # the student is the teacher's UNet
+
+    student = copy.deepcopy(teacher).requires_grad_(True)  # initialised from the teacher (Song et al. 2023)
+    if cfg["shortcut_init"]:  # *choice* for ablations: re-segment a distilled shortcut (e.g. k = 4 -> 8) briefly
+        init = load_checkpoint(cfg["shortcut_init"], "shortcut")
+        try:
+            student.load_state_dict(init["ema"])
+        except RuntimeError:
+            raise UserError(f"--shortcut_init={cfg['shortcut_init']} is a shortcut of another UNet than the teacher") from None
+    opt = torch.optim.Adam(student.parameters(), lr=cfg["shortcut_lr"])
+    step, elapsed = 0, 0.0
+    if ckpt is not None:
+        if list(ckpt["edges"]) != edges:
+            raise UserError(f"cannot resume {stage.ckpt_path}: it was distilled with edges {ckpt['edges']}, not {edges}")
+        cfg.update({k: v for k, v in ckpt["config"].items() if k not in ("shortcut_steps", "resume", "device")})
+        student.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        step, elapsed = ckpt["step"], ckpt["elapsed"]
+        print("[shortcut] (with fresh teacher chains)")
+    sched.clip_x0 = cfg["clip_x0"]  # teacher steps and jumps clip x0_hat as this run says (ddpm.py)
+    target = copy.deepcopy(student).eval().requires_grad_(False)  # the target network phi^- of CD
+    ema = copy.deepcopy(student).eval().requires_grad_(False)  # a slower average, the weights we sample
+    if ckpt is not None:
+        target.load_state_dict(ckpt["target"])
+        ema.load_state_dict(ckpt["ema"])
+        set_rng_state(ckpt["rng"])
+
+    x, y = load_cifar10(cfg["data_root"], "train", cfg["n_train"], os.path.join(cfg["out_dir"], "cache"))
+    data = DeviceBatches(x, y, device)
+    print(f"[shortcut] k={cfg['k_segments']} segments, edges {edges}; {steps} steps of batch "
+          f"{cfg['shortcut_batch']}, {cfg['cd_loss']} loss, {cfg['teacher_solver']} teacher, on {device}")
+    g = torch.Generator().manual_seed(1234)  # fixed noise for the grids, the same after a resume
+    x_T = torch.randn(16, 3, 32, 32, generator=g).to(device)  # (16, 3, 32, 32)
+
+    m = round(cfg["teacher_chain_frac"] * cfg["shortcut_batch"])  # batch rows on the teacher's own chains
+    chains = TeacherChains(teacher, sched, m, device) if m > 0 else None
+    net = torch.compile(student) if cfg["compile"] and device.type == "cuda" else student
+    autocast = bf16_autocast(cfg, device)
+    if stage.start(step):
+        # step 0: the student is still the teacher, so this grid shows the naive k-jump DDIM sampler
+        sample_grid(teacher, ema, sched, x_T, edges, os.path.join(stage.out, "samples_0.png"))
+    student.train()
+    while step < steps:
+        t0 = time.time()
+        x0, _ = data.sample(cfg["shortcut_batch"] - m)  # (B - m, 3, 32, 32) in [-1, 1]
+        with autocast:
+            loss = cd_loss(net, target, teacher, sched, x0, edges, cfg["cd_loss"], cfg["teacher_solver"], chains)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg["shortcut_grad_clip"])
+        opt.step()
+        step += 1
+        ema_update(target, student, cfg["cd_target_ema"])  # phi^- <- mu phi^- + (1 - mu) phi (Alg. 2)
+        ema_update(ema, student, min(cfg["shortcut_ema"], (1 + step) / (10 + step)))  # with warmup, as the DDPM's
+        elapsed += time.time() - t0
+        stage.tick(step, cfg["shortcut_batch"], "shortcut_lr", cfg["log_every"], loss=loss.item())
+        if stage.due(step, cfg["shortcut_ckpt_every"]):
+            stage.save(model=student.state_dict(), ema=ema.state_dict(), target=target.state_dict(),
+                       opt=opt.state_dict(), step=step, edges=edges, teacher=teacher_path, elapsed=elapsed)
+        if stage.due(step, cfg["sample_every"]):
+            sample_grid(teacher, ema, sched, x_T, edges, os.path.join(stage.out, f"samples_{step}.png"))
+    stage.close()
+    export_safetensors(ema.state_dict(), cfg, os.path.join(stage.out, "model.safetensors"), kind="shortcut",
+                       edges=edges)
+    print(f"[shortcut] done: {step} steps in {elapsed / 60:.1f} min of training; checkpoint {stage.ckpt_path}")
+    return stage.ckpt_path
+
+
+if __name__ == "__main__":
+    run_alone(train, __doc__)

@@ -76,7 +76,7 @@ def load_cifar10(root, split="train", n=0, cache_dir=None):
                         f"empty folder to download it into (leave --data_root unset to download into ./data)")
     if cache:
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = cache + ".tmp.npz"
+        tmp = f"{cache}.tmp{os.getpid()}.npz"  # per process: concurrent first runs must not share it
         np.savez(tmp, x=x, y=y)
         os.replace(tmp, cache)
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y).long()

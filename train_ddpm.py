@@ -22,8 +22,9 @@ from unet import build_unet
 
 
 @torch.no_grad()  # sampling grids for a look: no gradients needed
-def sample_grid(model, sched, x_T, real, path):
-    x0 = ddpm.ddim_sample(model, sched, x_T, ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN))  # (B, 3, 32, 32)
+def sample_grid(model, sched, x_T, real, path, batch):
+    x0 = torch.cat([ddpm.ddim_sample(model, sched, x_T[i:i + batch], ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN))
+                    for i in range(0, len(x_T), batch)])  # (B, 3, 32, 32)
     save_grid(torch.cat([real, x0]), path)
 
 
@@ -56,7 +57,7 @@ def train(cfg, device):
           f"{len(data)} training images, {steps} steps of batch {cfg['ddpm_batch']} on {device}")
     # fixed noise and reals for the sample grids, from their own generator so resume sees the same
     g = torch.Generator().manual_seed(1234)
-    x_T = torch.randn(56, 3, 32, 32, generator=g).to(device)  # (56, 3, 32, 32)
+    x_T = torch.randn(cfg["grid_ddpm"], 3, 32, 32, generator=g).to(device)  # (grid_ddpm, 3, 32, 32)
     real = (x[torch.randperm(len(x), generator=g)[:8]].float() / 127.5 - 1).to(device)  # (8, 3, 32, 32)
 
     net = torch.compile(model) if cfg["compile"] and device.type == "cuda" else model
@@ -80,7 +81,7 @@ def train(cfg, device):
         elapsed += time.time() - t0
         stage.tick(step, cfg["ddpm_batch"], "ddpm_lr", cfg["log_every"], loss=loss.item())
         if stage.due(step, cfg["sample_every"]):
-            sample_grid(ema, sched, x_T, real, os.path.join(stage.out, f"samples_{step}.png"))
+            sample_grid(ema, sched, x_T, real, os.path.join(stage.out, f"samples_{step}.png"), cfg["sample_batch"])
         if stage.due(step, cfg["ddpm_ckpt_every"]):
             stage.save(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
                        elapsed=elapsed)

@@ -86,7 +86,7 @@ def train(cfg, device):
     print(f"[shortcut] k={cfg['k_segments']} segments, edges {edges}; {steps} steps of batch "
           f"{cfg['shortcut_batch']}, {cfg['cd_loss']} loss, {cfg['teacher_solver']} teacher, on {device}")
     g = torch.Generator().manual_seed(1234)  # fixed noise for the grids, the same after a resume
-    x_T = torch.randn(16, 3, 32, 32, generator=g).to(device)  # (16, 3, 32, 32)
+    x_T = torch.randn(cfg["grid_shortcut"], 3, 32, 32, generator=g).to(device)  # (grid_shortcut, 3, 32, 32)
 
     m = round(cfg["teacher_chain_frac"] * cfg["shortcut_batch"])  # batch rows on the teacher's own chains
     chains = TeacherChains(teacher, sched, m, device) if m > 0 else None

@@ -43,7 +43,7 @@ def ddim50(model, sched, x_T, batch=256):
 
 def evaluate(model, sched, x_T, cfg, device):
     """Held-out metrics of the DDIM-50 samples of `model` from the fixed noise x_T (sftlib/metrics.py)."""
-    x0 = ddim50(model, sched, x_T)
+    x0 = ddim50(model, sched, x_T, cfg["sample_batch"])
     target = re.search(r"classifier:(\w+)", cfg["reward"])
     m = evaluate_samples(to_uint8(x0), cfg["out_dir"], device, target=target.group(1) if target else None,
                          reward=cfg["reward"])
@@ -191,8 +191,8 @@ def report(cfg, ft, sched, x_eval, before, history, curve, train_s, out, base_pa
     with open(os.path.join(out, "eval.csv"), "w") as f:  # held-out scores along the run (--ft_eval_every)
         f.write(",".join(curve[0]) + "\n")
         f.writelines(",".join(f"{v:.5g}" for v in c.values()) + "\n" for c in curve)
-    x_before = ddim50(load_ddpm(base_path, device)[0], sched, x_eval[:32])
-    save_grid(torch.cat([x_before, x_after[:32]]), os.path.join(out, "before_after.png"))
+    x_before = ddim50(load_ddpm(base_path, device)[0], sched, x_eval[:cfg["grid_ft"]], cfg["sample_batch"])
+    save_grid(torch.cat([x_before, x_after[:cfg["grid_ft"]]]), os.path.join(out, "before_after.png"))
     with open(os.path.join(out, "log.csv"), "w") as f:
         f.write("step,stage,reward,grad_norm,ms\n")
         f.writelines(f"{h['step']},{h['stage']},{h['reward']:.5f},{h['grad_norm']:.4f},{h['ms']:.1f}\n"

@@ -43,9 +43,13 @@ def run_pipeline(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere and later
         torch.backends.cudnn.allow_tf32 = True
+    if cfg["pretrained"]:  # the shipped base, shortcut and classifiers become this run's complete stages
+        from sftlib import pretrained
+
+        pretrained.install(cfg)
     seed_all(cfg["seed"])
     print("config:", " ".join(f"{k}={v}" for k, v in cfg.items()))
-    if cfg["preset"] == "cpu":
+    if cfg["preset"] == "cpu" and not cfg["pretrained"]:
         print("[train_toy] CPU preset: a small UNet and short stages, about 25 minutes in all on 2 free cores. "
               "For the real run use a GPU (--preset=gpu); override any key with --key=value.")
     minutes = {}

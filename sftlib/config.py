@@ -25,6 +25,7 @@ DEFAULTS = dict(
     n_train=0,  # use only the first n_train training images (evenly over classes); 0 = all 50k
     seed=0,
     resume=False,  # continue a killed stage from its checkpoint
+    pretrained=False,  # start from the shipped classroom checkpoints (checkpoints/): the pipeline goes straight to ShortFT
     bf16=False,  # bf16 autocast (CUDA only)
     compile=False,  # torch.compile the UNet (CUDA only)
     log_every=25,  # progress bar and log.csv: a row every this many steps
@@ -95,19 +96,25 @@ DEFAULTS = dict(
     alignprop_min=35,  # AlignProp: the cut is uniform in [min, max] of the 50 steps (its default 35..45)
     alignprop_max=45,
     full_checkpoint=False,  # full backprop: gradient checkpointing on every UNet call
+    # --- sizes of the grids and evaluations (DDIM-50 samples cost 50 network calls each) ---
+    grid_ddpm=56,  # ddpm stage: DDIM-50 samples in each grid (below a row of 8 real images)
+    grid_shortcut=16,  # shortcut stage: teacher DDIM-50 samples and shortcut samples in each grid
+    grid_ft=32,  # shortft stage: base and fine-tuned samples in before_after.png
+    sample_batch=256,  # images per network call when sampling for grids and evaluations
 )
 
 PRESETS = {
     "cpu": {},
-    # The DDPM of Ho et al. 2020 for CIFAR-10 (35.7M parameters), trained for what fits ~20 min on one H100.
-    "gpu": dict(ch=128, ch_mult="1,2,2,2", num_res_blocks=2, attn_res="16", dropout=0.1,
-                ddpm_steps=40000, ddpm_batch=128, ddpm_lr=2e-4, ddpm_warmup=1000, ddpm_ema=0.9999,
-                log_every=100, sample_every=5000, ddpm_ckpt_every=2000,
-                shortcut_steps=10000, shortcut_batch=128, shortcut_lr=1e-4, shortcut_ema=0.999,
-                shortcut_ckpt_every=2000,
+    # The DDPM of Ho et al. 2020 for CIFAR-10 (35.7M parameters), in bf16, sized from measured step rates
+    # (benchmarks/gpu.py on an H200, README "One GPU"): predicted 18 min on an H200, about 25 on an H100.
+    "gpu": dict(ch=128, ch_mult="1,2,2,2", num_res_blocks=2, attn_res="16", dropout=0.1, bf16=True,
+                ddpm_steps=12000, ddpm_batch=128, ddpm_lr=2e-4, ddpm_warmup=1000, ddpm_ema=0.9995,
+                log_every=100, sample_every=3000, ddpm_ckpt_every=2000, sample_batch=500,
+                shortcut_steps=2000, shortcut_batch=128, shortcut_lr=1e-4, shortcut_ema=0.999,
+                shortcut_ckpt_every=500,
                 classifier_width=64, evaluator_width=64, classifier_steps=2500, evaluator_steps=2500,
                 cls_batch=512, cls_lr=0.4, cls_ckpt_every=500,
-                ft_steps=1500, ft_batch=32, lora_rank=16, lora_alpha=16.0, n_eval=2000, ft_ckpt_every=250),
+                ft_steps=300, ft_batch=32, lora_rank=16, lora_alpha=16.0, n_eval=2000, ft_ckpt_every=100),
 }
 
 SAMPLE_DEFAULTS = dict(  # keys of `python train_toy.py sample`

@@ -1,0 +1,82 @@
+"""The classroom checkpoints: a base DDPM, its shortcut and both classifiers, trained on a GPU by the
+project's own commands and shipped in checkpoints/ as .safetensors (fp16 weights, the run's config and
+facts in the metadata; checkpoints/README.md holds their cards). `python train_toy.py --pretrained`
+installs them as the complete ddpm, shortcut, classifier and evaluator stages of --out_dir, so the
+pipeline goes straight to the ShortFT stage: minutes on a laptop CPU instead of half an hour, on a base
+model trained far longer than the CPU preset can."""
+import os
+
+from sftlib.common import UserError, read_safetensors, save_atomic
+
+FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
+STAGES = ("ddpm", "shortcut", "classifier", "evaluator")  # <stage>.safetensors, each a checkpoint kind
+# what the pipeline must agree on with the shipped models: their shapes and their (completed) step counts
+SHIPPED_KEYS = ("T", "beta_1", "beta_T", "clip_x0", "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout",
+                "k_segments", "classifier_width", "evaluator_width", "ddpm_steps", "shortcut_steps",
+                "classifier_steps", "evaluator_steps")
+# the current run's own: where it reads and writes (never the folders of the run that trained them)
+RUN_KEYS = ("out_dir", "data_root", "device", "resume", "stages", "preset", "seed", "n_train", "n_test")
+
+
+def read(stage, folder=FOLDER):
+    """(float32 state dict, metadata) of checkpoints/<stage>.safetensors, or a one-line error."""
+    path = os.path.join(folder, f"{stage}.safetensors")
+    if not os.path.isfile(path):
+        raise UserError(f"--pretrained needs {path}, which ships with the repository: "
+                        f"restore it with git checkout -- checkpoints/")
+    try:
+        state, meta = read_safetensors(path)
+    except Exception as e:  # a torn or foreign file
+        raise UserError(f"could not read {path} ({type(e).__name__}): is it corrupt?") from None
+    if meta.get("kind") != stage:
+        raise UserError(f"{path} holds a {meta.get('kind')!r}, not a {stage!r}")
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, meta
+
+
+def install(cfg, folder=FOLDER):
+    """Write the shipped models as complete checkpoints <out_dir>/<stage>/ckpt.pt (a stage already there
+    is left alone), and set cfg's shape and step keys to the shipped ones so every stage before ShortFT
+    sees itself complete. Returns the shipped config."""
+    shipped = None
+    for stage in STAGES:
+        state, meta = read(stage, folder)
+        ckpt_cfg = dict(meta["config"], **{k: cfg[k] for k in RUN_KEYS})
+        shipped = shipped or meta["config"]
+        path = os.path.join(cfg["out_dir"], stage, "ckpt.pt")
+        if os.path.exists(path):
+            print(f"[pretrained] {path} exists: kept (remove it to install the shipped {stage})")
+            continue
+        ckpt = dict(kind=stage, config=ckpt_cfg, step=meta["step"], elapsed=meta["elapsed"],
+                    pretrained=os.path.join(folder, f"{stage}.safetensors"))
+        if stage in ("ddpm", "shortcut"):
+            ckpt.update(ema=state, model=state)  # only the EMA weights ship: they are what is sampled
+            if stage == "shortcut":
+                ckpt["edges"] = meta["edges"]
+        else:
+            ckpt.update(model=state, arch=meta["arch"], test_acc=meta["test_acc"])
+        save_atomic(ckpt, path)
+        print(f"[pretrained] {stage}: installed {ckpt['pretrained']} as {path} ({meta['step']} steps"
+              + (f", test accuracy {meta['test_acc']:.1%}" if "test_acc" in meta else "") + ")")
+    cfg.update({k: shipped[k] for k in SHIPPED_KEYS})
+    return shipped
+
+
+def shipped_models_are_loadable(device="cpu"):
+    """Build every shipped network and load its weights (strict): a check for the tests and the cards."""
+    from sftlib.nets import build_net
+    from unet import build_unet
+
+    out = {}
+    for stage in STAGES:
+        state, meta = read(stage)
+        net = build_unet(meta["config"]) if stage in ("ddpm", "shortcut") else build_net(meta["arch"])
+        net.load_state_dict(state)
+        out[stage] = sum(p.numel() for p in net.parameters())
+    return out
+
+
+if __name__ == "__main__":  # python -m sftlib.pretrained: what ships, at a glance
+    for name, n in shipped_models_are_loadable().items():
+        meta = read(name)[1]
+        print(f"{name:10s} {n / 1e6:5.2f}M parameters, {meta['step']} steps"
+              + (f", test accuracy {meta['test_acc']:.2%}" if "test_acc" in meta else ""))

@@ -30,7 +30,7 @@ from shortft import (alignprop_chain, draft_chain, draft_lv_chain, full_chain, m
                      shortft_chain)
 from sftlib import lora
 from sftlib.common import UserError, export_safetensors, plot_lines, save_grid, set_rng_state, to_uint8
-from sftlib.metrics import evaluate_samples
+from sftlib.metrics import evaluate_samples, inception_metrics
 from sftlib.models import build_finetuned, load_ddpm, load_shortcut
 from sftlib.stage import Stage, run_alone
 
@@ -41,12 +41,20 @@ def ddim50(model, sched, x_T, batch=256):
                       for i in range(0, len(x_T), batch)])  # (N, 3, 32, 32)
 
 
-def evaluate(model, sched, x_T, cfg, device):
-    """Held-out metrics of the DDIM-50 samples of `model` from the fixed noise x_T (sftlib/metrics.py)."""
+def evaluate(model, sched, x_T, cfg, device, fid_n=0):
+    """Held-out metrics of the DDIM-50 samples of `model` from the fixed noise x_T (sftlib/metrics.py);
+    fid_n > 0: Inception FID and KID first, of fid_n samples (x_T's, then more fixed noise)."""
     x0 = ddim50(model, sched, x_T, cfg["sample_batch"])
     target = re.search(r"classifier:(\w+)", cfg["reward"])
     m = evaluate_samples(to_uint8(x0), cfg["out_dir"], device, target=target.group(1) if target else None,
                          reward=cfg["reward"])
+    if fid_n > 0:
+        x_fid = x0[:fid_n]
+        if fid_n > len(x0):  # more DDIM-50 samples, of fixed noise too
+            g = torch.Generator().manual_seed(8765)
+            x_fid = torch.cat([x0, ddim50(model, sched, torch.randn(fid_n - len(x0), 3, 32, 32, generator=g).to(device),
+                                            cfg["sample_batch"])])
+        m = {**inception_metrics(to_uint8(x_fid), cfg["out_dir"], device, ref_n=cfg["fid_ref_n"]), **m}
     return m, x0
 
 
@@ -91,12 +99,14 @@ def base_scores(ft, sched, x_eval, cfg, base_path, device):
     method and seed, so they are cached beside the base checkpoint, valid while its inputs stay the same."""
     stamp = [cfg["reward"], cfg["n_eval"], os.path.getmtime(base_path),
              os.path.getmtime(os.path.join(cfg["out_dir"], "evaluator", "ckpt.pt"))]
+    if cfg["fid_n"] > 0:  # scores with Inception FID: a cache of their own
+        stamp += [cfg["fid_n"], cfg["fid_ref_n"]]
     cache = os.path.join(os.path.dirname(base_path), "before_" + hashlib.sha1(str(stamp).encode()).hexdigest()[:10] + ".json")
     if os.path.isfile(cache):
         with open(cache) as f:
             return json.load(f)
     print(f"[shortft] evaluating the base model: DDIM-50 samples of {cfg['n_eval']} fixed noises")
-    before, _ = evaluate(ft, sched, x_eval, cfg, device)
+    before, _ = evaluate(ft, sched, x_eval, cfg, device, cfg["fid_n"])
     with open(cache, "w") as f:
         json.dump(before, f)
     return before
@@ -186,7 +196,7 @@ def report(cfg, ft, sched, x_eval, before, history, curve, train_s, out, base_pa
         export_safetensors(lora.lora_state(ft.unet), cfg, os.path.join(out, "lora.safetensors"), kind="lora",
                            base=base_path, edges=list(edges))
     step = len(history)
-    after, x_after = evaluate(merge_for_sampling(ft), sched, x_eval, cfg, device)
+    after, x_after = evaluate(merge_for_sampling(ft), sched, x_eval, cfg, device, cfg["fid_n"])
     curve = [point(0, 0.0, before)] + curve + [point(step, train_s, after)]
     with open(os.path.join(out, "eval.csv"), "w") as f:  # held-out scores along the run (--ft_eval_every)
         f.write(",".join(curve[0]) + "\n")

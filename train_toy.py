@@ -72,7 +72,8 @@ def print_results(out_dir, method, minutes):
         return
     with open(path) as f:
         m = json.load(f)
-    rows = [("training reward (" + m["reward"] + ")", "reward_mean"),
+    rows = [("Inception FID (" + str(m["after"].get("fid_n")) + " samples)", "fid"), ("Inception KID", "kid"),
+            ("training reward (" + m["reward"] + ")", "reward_mean"),
             ("held-out evaluator: target-class rate", "evaluator_target_rate"),
             ("held-out evaluator: mean log p(target)", "evaluator_mean_logp_target"),
             ("reward classifier: target-class rate", "classifier_target_rate"),
@@ -81,7 +82,7 @@ def print_results(out_dir, method, minutes):
     print(f"\n{method}, DDIM-50 samples of the base model before and after ({m['after']['n_samples']} fixed noises):")
     print("| metric | before | after |\n|---|---|---|")
     for name, key in rows:
-        if key in m["after"]:
+        if key in m["after"] and key in m["before"]:
             print(f"| {name} | {m['before'][key]:.3f} | {m['after'][key]:.3f} |")
     print(f"| ms per fine-tuning step (median) | | {m['ms_per_step_median']:.0f} |")
 

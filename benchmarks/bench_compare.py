@@ -3,6 +3,7 @@
     python bench_compare.py                 # every method and ablation, 2 seeds, 60 s of training each (CPU: ~20 min)
     python bench_compare.py --quick         # a smoke run: 1 seed, 8 s each, 32 evaluation samples
     python bench_compare.py --seconds=600 --n_eval=2000 --seeds=0,1,2   # on a GPU (one run at a time)
+    python bench_compare.py ... --fid_n=10000   # plus Inception FID/KID of 10k samples before and after (GPU)
 
 Needs the trained stages in --out_dir (ddpm, shortcut, classifier/evaluator: `python train_toy.py`).
 Every run fine-tunes the same base model with the same reward for the same training seconds
@@ -39,7 +40,8 @@ from shortft import full_chain, shortft_chain
 
 DEFAULTS = dict(out_dir="out", seconds=60.0, seeds="0,1", n_eval=128, quick=False, device="auto", jobs=0,
                 threads=1, methods="shortft,draft,draft_lv,alignprop,full,full_ckpt,shortft_no_tlora,"
-                "shortft_no_ptrain,shortft_k2,shortft_k8", k_shortcut_steps=60, grad_norms=True, child_mem="")
+                "shortft_no_ptrain,shortft_k2,shortft_k8", k_shortcut_steps=60, grad_norms=True, child_mem="",
+                fid_n=0)  # > 0: also Inception FID/KID of that many DDIM-50 samples per run (~0.4 s/image on a CPU)
 # name -> the train_toy.py overrides that make it
 RUNS = {"shortft": [], "draft": ["--method=draft"], "draft_lv": ["--method=draft_lv"],
         "alignprop": ["--method=alignprop"], "full": ["--method=full"],
@@ -175,6 +177,8 @@ def run(name, seed, opts, device):
     run_dir = os.path.join(out, method_of(name))  # where train_shortft writes: <out>/<method>
     args = [f"--out_dir={out}", "--stages=shortft", f"--seed={seed}", f"--ft_seconds={opts['seconds']}",
             f"--n_eval={opts['n_eval']}", f"--device={device.type}", "--ft_ckpt_every=1000000", *RUNS[name]]
+    if opts["fid_n"] > 0:
+        args.append(f"--fid_n={opts['fid_n']}")
     if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
         print(f"[compare] {name}, seed {seed}: {opts['seconds']:.0f} s of training", flush=True)
         if os.path.isdir(run_dir):  # a killed run: start it over (a time budget cannot be resumed fairly)
@@ -207,6 +211,13 @@ def main(argv):
         raise UserError("--jobs and --threads must be at least 1 (--jobs=0: 2 on a CPU, 1 on a GPU)")
     for k in sorted({k_of(n) for n in names if k_of(n)}):  # the k-ablation shortcuts first (all cores)
         shortcut_for_k(k, opts, device)
+    if opts["fid_n"] > 0:  # fail early without the Inception weights; the test split's statistics once for all runs
+        from sftlib import fid, metrics
+        try:
+            fid.load_inception(device)
+            metrics.fid_reference(opts["out_dir"], device)
+        except fid.FIDError as e:
+            raise UserError(str(e)) from None
     # the runs are independent: --jobs of them at a time, each on --threads threads
     with ThreadPoolExecutor(opts["jobs"]) as pool:
         futures = {(n, s): pool.submit(run, n, s, opts, device) for n in names for s in seeds}
@@ -215,8 +226,9 @@ def main(argv):
              f"time, {opts['threads']} thread(s) each), seeds {seeds}, scored on {opts['n_eval']} DDIM-50 samples of "
              f"the fine-tuned base model (medians over seeds; gain = after - before, per seed in brackets).", "",
              "| method | steps | ms/step | step peak MiB | grad norm (median) | held-out target rate before → after "
-             "| gain | held-out log p(target) after | reward after | Fréchet dist. before → after | diversity |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| gain | held-out log p(target) after | reward after | Fréchet dist. before → after | diversity |"
+             + (f" Inception FID ({opts['fid_n']}) before → after | KID after |" if opts["fid_n"] > 0 else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if opts["fid_n"] > 0 else "")]
     def child_mem(n):  # one training step's peak memory, measured in a fresh process per method
         p = subprocess.run([sys.executable, __file__, f"--child_mem={n}", f"--out_dir={opts['out_dir']}",
                             f"--device={device.type}"], capture_output=True, text=True, cwd=ROOT,
@@ -239,7 +251,9 @@ def main(argv):
                      f"| {b['evaluator_mean_logp_target']:.2f} → "
                      f"{med(lambda m, r: a(m)['evaluator_mean_logp_target']):.2f} | {med(lambda m, r: a(m)['reward_mean']):.3f} "
                      f"| {b['fd']:.2f} → {med(lambda m, r: a(m)['fd']):.2f} "
-                     f"| {b.get('diversity', float('nan')):.2f} → {med(lambda m, r: a(m).get('diversity', float('nan'))):.2f} |")
+                     f"| {b.get('diversity', float('nan')):.2f} → {med(lambda m, r: a(m).get('diversity', float('nan'))):.2f} |"
+                     + (f" {b['fid']:.2f} → {med(lambda m, r: a(m)['fid']):.2f} | {med(lambda m, r: a(m)['kid']):.4f} |"
+                        if opts["fid_n"] > 0 else ""))
     baselines = [n for n in gains if method_of(n) != "shortft"]
     if "shortft" in gains and baselines:
         best = max(baselines, key=gains.get)

@@ -675,12 +675,13 @@ def section_fid(opts, device):
                                 kid=kid(f_train_all[idx], f_test))
     res["train_all_vs_test"] = dict(n_train=len(xr), n_test=n, fid=fid.fid_from_features(f_train_all, f_test))
     log("FID train vs test: " + json.dumps([res["train_vs_test"], res["train_all_vs_test"]]))
+    perm = np.random.default_rng(1).permutation(len(xr))  # the split is stored class by class: draw at random
     for m in (1000, 2000, 5000):  # the small-sample floor: m real training images vs the test split
         if m < len(xr):
-            res[f"floor_train{m}_vs_test"] = dict(n=m, fid=fid.fid_from_features(f_train_all[idx[:m]], f_test))
-    sigma = np.cov(f_test, rowvar=False)
-    np.savez(os.path.join(opts["out"], "fid_test_stats.npz"), mu=f_test.mean(0), n=n,
-             sigma_triu=sigma[np.triu_indices(len(sigma))].astype(np.float32), kid_features=f_test[:1000].astype(np.float16))
+            res[f"floor_train{m}_vs_test"] = dict(n=m, fid=fid.fid_from_features(f_train_all[perm[:m]], f_test))
+    fair = np.random.default_rng(2).choice(n, min(1000, n), replace=False)  # not the first (class-sorted) ones
+    fid.save_compact_stats(os.path.join(opts["out"], "fid_test_stats.npz"), f_test.mean(0), np.cov(f_test, rowvar=False),
+                           n, f_test[fair])
     for f in sorted(os.listdir(opts["out"])):
         if f.startswith("samples_") and f.endswith(".npz"):
             with np.load(os.path.join(opts["out"], f)) as z:

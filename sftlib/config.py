@@ -101,6 +101,9 @@ DEFAULTS = dict(
     grid_shortcut=16,  # shortcut stage: teacher DDIM-50 samples and shortcut samples in each grid
     grid_ft=32,  # shortft stage: base and fine-tuned samples in before_after.png
     sample_batch=256,  # images per network call when sampling for grids and evaluations
+    # --- Inception FID in the fine-tuning's evaluation (sftlib/fid.py, sftlib/metrics.py) ---
+    fid_n=0,  # > 0: also Inception FID/KID of this many DDIM-50 samples before and after fine-tuning (metrics.json)
+    fid_ref_n=10000,  # real test images behind the FID statistics when checkpoints/fid_cifar10_test.npz is absent
 )
 
 PRESETS = {
@@ -136,8 +139,9 @@ EVAL_DEFAULTS = dict(  # keys of `python train_toy.py eval` (sftlib/metrics.py)
     reward="",  # a rewards.py spec: adds the samples' mean reward
     out_dir="out",  # where the evaluator and reward classifier checkpoints are
     device="auto",
-    inception=False,  # also Inception FID (needs torchmetrics[image] and its weights)
-    inception_weights="",  # a local pt_inception-2015-12-05 file, for machines without internet
+    fid=False,  # also Inception FID and KID against the CIFAR-10 test split, shown first (sftlib/fid.py; ~0.4 s/image on a CPU)
+    fid_stats="",  # the test split's Inception statistics (.npz); empty: checkpoints/fid_cifar10_test.npz, else computed once
+    fid_ref_n=10000,  # real test images behind the FID statistics when checkpoints/fid_cifar10_test.npz is absent
 )
 
 

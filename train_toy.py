@@ -1,6 +1,9 @@
-"""The entry point: the whole toy pipeline on CIFAR-10, and sampling from saved checkpoints.
+"""The entry point: the whole toy pipeline on CIFAR-10, and sampling from saved checkpoints; with
+--model=sd15 the same stages' counterparts on Stable Diffusion 1.5 (train_sd.py).
 
     python train_toy.py                      # run every stage (skips stages whose checkpoint is complete)
+    python train_toy.py --model=sd15 --sd_path=DIR   # SD 1.5: load base + few-step LoRA, reward, ShortFT, grids
+    python train_toy.py --model=sd15 --help  # the SD model's keys (its own defaults: the paper's GPU run)
     python train_toy.py --ddpm_steps=2000    # any key of sftlib/config.py's DEFAULTS, as --key=value
     python train_toy.py --help               # every key, with its type, default and meaning
     python train_toy.py sample --ckpt=out/ddpm/ckpt.pt --n=64 --sampler=ddim --steps=50 --out=s.npz
@@ -32,7 +35,29 @@ STAGES = [("ddpm", "train_ddpm"), ("shortcut", "train_shortcut"), ("classifier",
           ("shortft", "train_shortft")]
 
 
+MODELS = ("toy", "sd15")
+
+
+def chosen_model(args):
+    """--model's value, read first: it decides which keys the rest of the command line may hold."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--model="):
+            model = arg.partition("=")[2]
+        elif arg == "--model":
+            model = args[i + 1] if i + 1 < len(args) else ""
+        else:
+            continue
+        if model not in MODELS:
+            raise UserError(f"--model must be one of {', '.join(MODELS)}; got {model!r}")
+        return model
+    return "toy"
+
+
 def run_pipeline(args):
+    if chosen_model(args) == "sd15":  # SD's keys and stages; diffusers, transformers and peft load only here
+        import train_sd
+
+        return train_sd.main(args)
     cfg = config.resolve(args, torch.cuda.is_available(), description=__doc__)
     wanted = [s for s, _ in STAGES] if cfg["stages"] == "all" else cfg["stages"].split(",")
     unknown = [s for s in wanted if s not in dict(STAGES)]

@@ -17,6 +17,7 @@ from sftlib.common import UserError
 
 DEFAULTS = dict(
     # --- run ---
+    model="toy",  # toy: the CIFAR-10 pipeline below | sd15: Stable Diffusion 1.5 (train_sd.py; --model=sd15 --help lists its keys)
     preset="auto",  # auto | cpu | gpu  (auto: gpu when CUDA is available, else cpu)
     device="auto",  # auto | cuda | mps | cpu  (auto: cuda -> mps -> cpu)
     stages="all",  # which pipeline stages to run: all, or a comma list (e.g. ddpm)

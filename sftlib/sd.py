@@ -1,5 +1,5 @@
 """ShortFT on Stable Diffusion 1.5 (PAPER.md Sec. 3 and 5): the SD pieces that let shortft.py run unchanged
-(the rewards on decoded images are in sftlib/sd_rewards.py, the training stage in train_sd.py).
+(the rewards on decoded images are in sftlib/sd_rewards.py, the fine-tuning stage in train_sd.py).
 
 shortft.shortft_chain(model, student, sched, x_T, groups, stage) needs three things, built here:
 - `sched`: SD 1.5's noise schedule in ddpm.py's interface (SDSchedule: .abar(t), .clip_x0, .T);
@@ -140,9 +140,14 @@ def add_tlora(unet, k, rank, alpha, targets=LORA_TARGETS):
     return names
 
 
+def adapter_state(unet, names):
+    """{parameter name: parameter} of the peft adapters `names` (names like ...to_q.lora_A.<name>.weight)."""
+    return {n: p for n, p in unet.named_parameters() if (".lora_A." in n or ".lora_B." in n) and n.split(".")[-2] in names}
+
+
 def adapter_params(unet, name):
-    """The parameters of one peft adapter (names like ...to_q.lora_A.<name>.weight)."""
-    return [p for n, p in unet.named_parameters() if (".lora_A." in n or ".lora_B." in n) and n.split(".")[-2] == name]
+    """The parameters of one peft adapter."""
+    return list(adapter_state(unet, [name]).values())
 
 
 def activate(unet, names, trainable):

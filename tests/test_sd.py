@@ -1,4 +1,5 @@
-"""The Stable Diffusion path (sftlib/sd.py, sftlib/sd_rewards.py, train_sd.py) on tiny random SD components built from configs, offline.
+"""The Stable Diffusion path (sftlib/sd.py, sftlib/sd_rewards.py, train_sd.py, train_toy.py --model=sd15) on tiny
+random SD components built from configs, offline.
 
 Oracles: SD's schedule from its formula, the DDIM step from diffusers' DDIMScheduler, the ShortFT chain
 from the hops of PAPER.md Sec. 3 written out with plain UNet calls, the saved LoRA through a stock
@@ -111,7 +112,7 @@ def test_chain_equals_paper_hops_with_checkpointing(tiny):
     """shortft_chain through the SD adapter, with per-call checkpointing, gives the x_0 and the LoRA gradient
     of the hand-written chain without checkpointing. (Recomputing with whatever adapter is on at backward
     time, as diffusers' own block checkpointing would, fails this.)"""
-    pipe, ft, sched = build(tiny, grad_checkpoint=True)
+    pipe, ft, sched = build(tiny, ft_grad_checkpoint=True)
     sd.set_stage(ft, 0)
     x_T = torch.randn(1, 4, 8, 8)
     z = shortft_chain(ft, ft.shortcut, sched, x_T, ft.groups, stage=0)  # (1, 4, 8, 8)
@@ -159,7 +160,7 @@ def test_saved_tlora_on_a_stock_pipeline_reproduces_the_finetuned_chain(tiny, tm
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe, ft, sched = build(tiny)
-    train_sd.save(pipe.unet, ft, str(tmp_path))
+    train_sd.export(pipe.unet, ft, str(tmp_path))
     x_T = torch.randn(1, 4, 8, 8)
     with torch.no_grad():  # sampling only
         ours = ddpm.ddim_sample(ft, sched, x_T, ddpm.ddim_timesteps(1000, 50))  # (1, 4, 8, 8)
@@ -186,17 +187,103 @@ def test_saved_tlora_on_a_stock_pipeline_reproduces_the_finetuned_chain(tiny, tm
     assert (plain - ours).abs().max() > 1e-3  # and the LoRA changes the output
 
 
-def test_train_and_sample_commands(tiny, tmp_path):
+def tiny_args(tiny, out, *more):
+    """A run of the sd15 model on the tiny components: 3 steps, a checkpoint and a grid (DDIM-2) every 2 steps."""
+    return [f"--sd_path={tiny / 'pipe'}", f"--shortcut={tiny / 'shortcut.safetensors'}", f"--resolution={RES}",
+            "--ft_steps=3", "--ft_ckpt_every=2", "--sample_every=2", "--sample_steps=2", "--log_every=1", "--n_eval=2", "--lora_rank=2",
+            "--lora_alpha=2", "--ft_lr=1e-2", "--guidance=3", "--device=cpu", f"--out_dir={out}", *more]
+
+
+def log_rows(out):
+    lines = (out / "sd15" / "log.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    return header, [dict(zip(header, map(float, line.split(",")))) for line in lines[1:]]
+
+
+def test_stage_bar_log_grids_and_resume_of_a_killed_run(tiny, tmp_path, capsys, monkeypatch):
+    """The SD stage on the stage scaffold: a progress bar, log.csv, validation grids at steps 0, 2 and 3; a run
+    killed in step 3 and resumed with --resume ends with the T-LoRA, Adam state and logged rewards of a run
+    that was never interrupted."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    train_sd.main(tiny_args(tiny, whole))
+    assert "sd15: 100%" in capsys.readouterr().out.replace("|", "")  # tqdm's bar, desc sd15, at 3/3
+    header, rows = log_rows(whole)
+    assert header == ["step", *train_sd.COLUMNS, "img_per_s"] and [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["p_stage"] for r in rows] == [0, 1, 2]  # P-Training: step * k // ft_steps with k = 4
+    grids = sorted(f for f in os.listdir(whole / "sd15") if f.startswith("samples_"))
+    assert grids == ["samples_0.png", "samples_2.png", "samples_3.png"]
+    from PIL import Image
+
+    assert Image.open(whole / "sd15" / "samples_2.png").size == (2 * (RES + 2) + 2, RES + 4)  # 2 prompts, 1 row
+    assert (whole / "sd15" / "lora" / "lora4" / "pytorch_lora_weights.safetensors").is_file()
+
+    calls = {"n": 0}
+    chain = train_sd.shortft_chain
+
+    def dies_in_step_3(*a, **kw):  # the run is killed in its third step, after the checkpoint of step 2
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return chain(*a, **kw)
+
+    monkeypatch.setattr(train_sd, "shortft_chain", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_sd.main(tiny_args(tiny, killed))
+    monkeypatch.setattr(train_sd, "shortft_chain", chain)
+    ckpt = torch.load(killed / "sd15" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and not ckpt["done"]
+    with pytest.raises(UserError, match="--resume"):  # an unfinished run is never silently started over
+        train_sd.main(tiny_args(tiny, killed))
+    capsys.readouterr()
+    train_sd.main(tiny_args(tiny, killed, "--resume"))
+    assert "from step 2" in capsys.readouterr().out  # "[sd15] resuming .../ckpt.pt from step 2"
+    a = torch.load(whole / "sd15" / "ckpt.pt", weights_only=True)
+    b = torch.load(killed / "sd15" / "ckpt.pt", weights_only=True)
+    assert a["done"] and b["done"] and a["step"] == b["step"] == 3
+    assert a["lora"].keys() == b["lora"].keys() and len(a["lora"]) > 0
+    for n in a["lora"]:
+        assert torch.allclose(a["lora"][n], b["lora"][n], rtol=1e-5, atol=1e-7), n
+    assert any(a["lora"][n].abs().max() > 0 for n in a["lora"] if ".lora_B." in n)  # it did train
+    for i, s in a["opt"]["state"].items():
+        assert torch.allclose(s["exp_avg_sq"], b["opt"]["state"][i]["exp_avg_sq"], rtol=1e-5, atol=1e-12)
+    _, rows_b = log_rows(killed)
+    assert [r["step"] for r in rows_b] == [1, 2, 3]
+    for ra, rb in zip(rows, rows_b):
+        assert ra["reward"] == pytest.approx(rb["reward"], rel=1e-5) and ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+    assert sorted(f for f in os.listdir(killed / "sd15") if f.startswith("samples_")) == grids
+    train_sd.main(tiny_args(tiny, killed))  # complete: the stage is skipped
+    assert "skipping the stage" in capsys.readouterr().out
+
+
+def test_main_entry_runs_the_sd_model_then_sample(tiny, tmp_path):
+    """`python train_toy.py --model=sd15 ...` end to end in a fresh process, then `sample` with its LoRA."""
     out = tmp_path / "run"
-    train_sd.main([f"--sd_path={tiny / 'pipe'}", f"--shortcut={tiny / 'shortcut.safetensors'}", f"--resolution={RES}",
-                   "--steps=1", "--lora_rank=2", "--lora_alpha=2", "--lr=1e-2", "--device=cpu", f"--out_dir={out}"])
-    assert (out / "lora" / "lora4" / "pytorch_lora_weights.safetensors").is_file()
-    assert (out / "config.json").is_file() and len((out / "log.csv").read_text().splitlines()) == 2
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_toy.py"), "--model=sd15",
+                        *tiny_args(tiny, out, "--ft_steps=1")], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (out / "sd15" / "lora" / "lora4" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "sd15" / "samples_1.png").is_file() and len(log_rows(out)[1]) == 1
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\n")
-    train_sd.main(["sample", f"--sd_path={tiny / 'pipe'}", f"--lora_dir={out / 'lora'}", f"--prompts={prompts}",
-                   f"--resolution={RES}", "--device=cpu", f"--out={tmp_path / 's'}"])
+    train_sd.main(["sample", f"--sd_path={tiny / 'pipe'}", f"--lora_dir={out / 'sd15' / 'lora'}",
+                   f"--prompts={prompts}", f"--resolution={RES}", "--device=cpu", f"--out={tmp_path / 's'}"])
     assert (tmp_path / "s" / "000_0.png").is_file() and (tmp_path / "s" / "grid.png").is_file()
+
+
+def test_model_flag_help_errors_and_lazy_imports():
+    run = lambda *a: subprocess.run([sys.executable, *a], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    p = run("train_toy.py", "--model=sd3")
+    assert p.returncode == 2 and p.stderr.strip() == "error: --model must be one of toy, sd15; got 'sd3'", p.stderr
+    p = run("train_toy.py", "--help")
+    assert p.returncode == 0 and "--model=sd15" in p.stdout and "--model STR" in p.stdout, p.stdout[-2000:]
+    p = run("train_toy.py", "--model=sd15", "--help")
+    assert p.returncode == 0, p.stderr
+    assert all(f"--{k} " in p.stdout.replace("\n", " ") for k in train_sd.DEFAULTS), p.stdout[-2000:]
+    assert "--ddpm_lr" not in p.stdout  # the toy's keys are not the SD model's
+    p = run("train_toy.py", "--model=sd15", "--ddpm_lr=1e-3")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--ddpm_lr" in p.stderr, p.stderr
+    p = run("-c", "import sys, train_toy, train_sd; print(sorted({'diffusers', 'transformers', 'peft'} & set(sys.modules)))")
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
 
 
 def test_rewards_are_image_statistics():
@@ -235,8 +322,9 @@ def test_lora_of_another_base_is_a_clear_error(tiny, tmp_path):
 
 def test_missing_weights_is_one_line_naming_sd_path(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # an empty cache, no network
-    for where in (str(tmp_path / "no_such_dir"), "someone/no-such-model"):
-        p = subprocess.run([sys.executable, os.path.join(ROOT, "train_sd.py"), f"--sd_path={where}"],
+    for entry, where in (("train_sd.py", str(tmp_path / "no_such_dir")), ("train_toy.py", "someone/no-such-model")):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, entry), "--model=sd15", f"--sd_path={where}",
+                            f"--out_dir={tmp_path / 'out'}"],
                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
         assert p.returncode == 2, p.stderr[-2000:]
         lines = p.stderr.strip().splitlines()

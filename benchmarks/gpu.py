@@ -34,7 +34,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from sftlib import config  # noqa: E402
-from sftlib.common import UserError, pick_device  # noqa: E402
+from sftlib.common import UserError, pick_device, run_main  # noqa: E402
 
 DEFAULTS = dict(
     device="auto",
@@ -696,32 +696,25 @@ def section_fid(opts, device):
 
 
 def export_classroom(opts, d):
-    """The classroom checkpoints without optimiser state (what ships): EMA weights + config + run facts."""
-    from sftlib.common import load_checkpoint
+    """The classroom models as they ship in checkpoints/ (sftlib/pretrained.py reads them): fp16 weights
+    (the EMA weights for the UNets) in .safetensors with the run's config, kind and facts as metadata."""
+    from sftlib.common import export_safetensors, load_checkpoint
 
-    out = opts["out"]
-    for kind, sub, keep in (("ddpm", "ddpm", ("ema", "step", "config", "elapsed")),
-                            ("shortcut", "shortcut", ("ema", "step", "config", "elapsed", "edges")),
-                            ("classifier", "classifier", ("model", "step", "config", "arch", "test_acc", "elapsed")),
-                            ("evaluator", "evaluator", ("model", "step", "config", "arch", "test_acc", "elapsed"))):
-        path = os.path.join(d, sub, "ckpt.pt")
+    for stage, weights in (("ddpm", "ema"), ("shortcut", "ema"), ("classifier", "model"), ("evaluator", "model")):
+        path = os.path.join(d, stage, "ckpt.pt")
         if not os.path.isfile(path):
             continue
         try:
-            c = load_checkpoint(path, kind)
-            torch.save({"kind": kind, **{k: c[k] for k in keep if k in c}},
-                       os.path.join(opts["export"] or out, f"classroom_{sub}.pt"))
-            RESULTS.setdefault("classroom_export", {})[sub] = {k: c.get(k) for k in ("step", "elapsed", "test_acc")}
+            c = load_checkpoint(path, stage)
+            state = {k: v.half() if v.is_floating_point() else v for k, v in c[weights].items()}
+            meta = dict(kind=stage, step=int(c["step"]), elapsed=float(c["elapsed"]))
+            meta.update({k: c[k] for k in ("edges", "arch", "test_acc") if k in c})
+            cfg = dict(c["config"], out_dir="out", data_root="data", resume=False)  # not this machine's folders
+            export_safetensors(state, cfg, os.path.join(opts["export"] or opts["out"], f"{stage}.safetensors"), **meta)
+            RESULTS.setdefault("classroom_export", {})[stage] = {k: c.get(k) for k in ("step", "elapsed", "test_acc")}
         except Exception:
-            RESULTS[f"export_{sub}_error"] = traceback.format_exc()[-500:]
+            RESULTS[f"export_{stage}_error"] = traceback.format_exc()[-500:]
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: results so far are in the results.json of --out", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

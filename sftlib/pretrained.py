@@ -10,10 +10,13 @@ from sftlib.common import UserError, read_safetensors, save_atomic
 
 FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
 STAGES = ("ddpm", "shortcut", "classifier", "evaluator")  # <stage>.safetensors, each a checkpoint kind
-# what the pipeline must agree on with the shipped models: their shapes and their (completed) step counts
-SHIPPED_KEYS = ("T", "beta_1", "beta_T", "clip_x0", "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout",
-                "k_segments", "classifier_width", "evaluator_width", "ddpm_steps", "shortcut_steps",
-                "classifier_steps", "evaluator_steps")
+# what the pipeline must agree on with the shipped models, each from the model that owns it: their
+# shapes and their (completed) step counts
+SHIPPED_KEYS = {"ddpm": ("T", "beta_1", "beta_T", "clip_x0", "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout",
+                         "ddpm_steps"),
+                "shortcut": ("k_segments", "shortcut_steps"),
+                "classifier": ("classifier_width", "classifier_steps"),
+                "evaluator": ("evaluator_width", "evaluator_steps")}
 # the current run's own: where it reads and writes (never the folders of the run that trained them)
 RUN_KEYS = ("out_dir", "data_root", "device", "resume", "stages", "preset", "seed", "n_train", "n_test")
 
@@ -36,12 +39,12 @@ def read(stage, folder=FOLDER):
 def install(cfg, folder=FOLDER):
     """Write the shipped models as complete checkpoints <out_dir>/<stage>/ckpt.pt (a stage already there
     is left alone), and set cfg's shape and step keys to the shipped ones so every stage before ShortFT
-    sees itself complete. Returns the shipped config."""
-    shipped = None
+    sees itself complete. Returns the keys it set."""
+    shipped = {}
     for stage in STAGES:
         state, meta = read(stage, folder)
         ckpt_cfg = dict(meta["config"], **{k: cfg[k] for k in RUN_KEYS})
-        shipped = shipped or meta["config"]
+        shipped.update({k: meta["config"][k] for k in SHIPPED_KEYS[stage]})
         path = os.path.join(cfg["out_dir"], stage, "ckpt.pt")
         if os.path.exists(path):
             print(f"[pretrained] {path} exists: kept (remove it to install the shipped {stage})")
@@ -57,7 +60,7 @@ def install(cfg, folder=FOLDER):
         save_atomic(ckpt, path)
         print(f"[pretrained] {stage}: installed {ckpt['pretrained']} as {path} ({meta['step']} steps"
               + (f", test accuracy {meta['test_acc']:.1%}" if "test_acc" in meta else "") + ")")
-    cfg.update({k: shipped[k] for k in SHIPPED_KEYS})
+    cfg.update(shipped)
     return shipped
 
 

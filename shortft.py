@@ -127,17 +127,19 @@ def merge_for_sampling(ft):
 
 # --- the baselines: the same long DDIM-50 chain, differing only in where the gradient is cut ---------
 
-def _step(model, sched, x, timesteps, i, grad=True, ckpt=False):
-    """Step i of a long chain; grad=False runs the UNet without a graph, ckpt recomputes it in backward."""
+def _step(model, sched, x, timesteps, i, grad=True, ckpt=False, sg_input=False):
+    """Step i of a long chain; grad=False runs the UNet without a graph, ckpt recomputes it in backward,
+    sg_input feeds the UNet sg(x_t) while the DDIM update itself keeps x_t (DRTune)."""
     t, s = timesteps[i], (timesteps[i + 1] if i + 1 < len(timesteps) else -1)
     t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
+    x_in = x.detach() if sg_input else x  # DRTune: no path through the UNet's input, so no product of its Jacobians
     if not grad:
-        with torch.no_grad():  # a step the method gives no gradient
-            eps = model(x, t_vec)
+        with torch.no_grad():  # a step the method gives no gradient: same value, no graph kept
+            eps = model(x_in, t_vec)
     elif ckpt:  # gradient checkpointing: keep only the inputs, recompute the UNet in backward
-        eps = torch.utils.checkpoint.checkpoint(model, x, t_vec, use_reentrant=False)
+        eps = torch.utils.checkpoint.checkpoint(model, x_in, t_vec, use_reentrant=False)
     else:
-        eps = model(x, t_vec)
+        eps = model(x_in, t_vec)
     return ddpm.ddim_step(sched, x, eps, t, s)  # x stays in the graph whenever it was in it
 
 
@@ -152,31 +154,62 @@ def draft_chain(model, sched, x_T, timesteps, K=1):
 
 
 def draft_lv_chain(model, sched, x_T, timesteps, n=2):
-    """DRaFT-LV (Clark et al. 2024, Sec. 4): K = 1, the last step taken n times and the rewards averaged.
-    *Choice*: copy 1 is the chain's own x_1, copies 2..n re-noise the no-grad x_0 back to the last
-    timestep (q(x_t | x_0)), so n = 1 is exactly DRaFT-1. Returns the n copies stacked: (n B, C, H, W)."""
+    """DRaFT-LV (Clark et al. 2024, Sec. 4, "DRaFT-LV"): the whole chain runs without gradient to x_0;
+    sg(x_0) is re-noised n times to the last timestep, x^i = q(x_{t_last} | sg(x_0)) (Ho et al. 2020,
+    Eq. 4), and each copy takes the last step with gradient. The n copies' rewards are averaged (the
+    loss is a mean over the n B samples). Returns the n copies stacked, copy-major: (n B, C, H, W)."""
     if n < 1:
         raise UserError(f"DRaFT-LV needs n >= 1 copies, got {n}")
     x = x_T
-    for i in range(len(timesteps) - 1):
-        x = _step(model, sched, x, timesteps, i, grad=False)
+    with torch.no_grad():  # sg(x_0): the copies start from a stop-gradient x_0, no path to theta or x_T
+        for i in range(len(timesteps)):
+            x = _step(model, sched, x, timesteps, i, grad=False)  # x: (B, C, H, W), at the end sg(x_0)
     t_last = timesteps[-1]
-    copies = [x]
-    if n > 1:
-        with torch.no_grad():  # the re-noised copies start from the detached x_0 estimate
-            x0 = _step(model, sched, x, timesteps, len(timesteps) - 1, grad=False)
-        copies += [ddpm.q_sample(sched, x0, t_last, torch.randn_like(x0)) for _ in range(n - 1)]
-    return torch.cat([_step(model, sched, c, timesteps, len(timesteps) - 1) for c in copies])
+    x_last = torch.cat([ddpm.q_sample(sched, x, t_last, torch.randn_like(x)) for _ in range(n)])  # (n B, C, H, W)
+    return _step(model, sched, x_last, timesteps, len(timesteps) - 1)  # (n B, C, H, W): one call for all copies
 
 
-def alignprop_chain(model, sched, x_T, timesteps, cut):
-    """AlignProp (Prabhudesai et al. 2023): the noise prediction is detached before step `cut` (drawn
-    at random by the caller), x_t never is; every UNet call that keeps a graph is checkpointed."""
-    if not 0 <= cut < len(timesteps):
-        raise UserError(f"AlignProp's cut must be in [0, {len(timesteps)}), got {cut}")
+def alignprop_chain(model, sched, x_T, timesteps, window=(0, 50), generator=None):
+    """AlignProp (Prabhudesai et al. 2023), randomised truncated backprop as in its code (main.py, the
+    `truncated_backprop_rand` branch): at *every* step i a cut c_i = randint(min, max) is drawn anew
+    (both ends included, like Python's random.randint) and eps is detached when i < c_i; x_t is never
+    detached. Window (0, 50) is that of its aesthetic and HPS configs. Every UNet call that keeps a
+    graph is checkpointed (its grad_checkpoint = True); a call whose eps is detached runs under no_grad,
+    which gives the same values and gradients as computing and then detaching it. A window (c, c) is its
+    fixed cut (`trunc_backprop_timestep` = c). generator: the RNG of the draws (None: torch's global)."""
+    lo, hi = window
+    if not 0 <= lo <= hi <= len(timesteps):
+        raise UserError(f"AlignProp's window needs 0 <= min <= max <= {len(timesteps)} (the chain), got {window}")
     x = x_T
     for i in range(len(timesteps)):
+        cut = int(torch.randint(lo, hi + 1, (), generator=generator))  # c_i, drawn anew at every step
         x = _step(model, sched, x, timesteps, i, grad=i >= cut, ckpt=True)
+    return x
+
+
+def drtune_train_steps(n, K, generator=None):
+    """The K steps (0-based indices into an n-step chain) DRTune trains in one iteration: evenly spaced
+    with stride floor(n / K) from a random offset o ~ U{0, ..., stride - 1}: o, o + stride, ... (so all
+    n steps are trained equally often over iterations)."""
+    if not 1 <= K <= n:
+        raise UserError(f"DRTune needs 1 <= K <= {n} (the chain), got K = {K}")
+    stride = n // K
+    o = int(torch.randint(0, stride, (), generator=generator))
+    return [o + j * stride for j in range(K)]
+
+
+def drtune_chain(model, sched, x_T, timesteps, K=5, generator=None):
+    """DRTune (Wu et al. 2024, arXiv 2405.00760, Sec. 3): at every step the UNet sees sg(x_t), while the
+    DDIM update x_{t-1} = a_t x_t + b_t eps_theta(sg(x_t), t) keeps x_t in the graph: the gradient
+    reaches every trained step through the a_t-chain, without the product of UNet Jacobians. Only K
+    evenly spaced steps (drtune_train_steps) run the UNet with gradient; the others under no_grad.
+    Exactly DRTune: the stop-gradient on the denoiser's input and a sparse evenly spaced subset of
+    trained steps. *Choices*: the subset's formula (stride floor(n / K), offset uniform below the stride),
+    no gradient checkpointing, and the chain always runs to x_0 (no early stop of the sampling)."""
+    train = set(drtune_train_steps(len(timesteps), K, generator))
+    x = x_T
+    for i in range(len(timesteps)):
+        x = _step(model, sched, x, timesteps, i, grad=i in train, sg_input=True)
     return x
 
 

@@ -1,8 +1,9 @@
 """Stage `shortft`: fine-tune the base DDPM against a reward through the shortcut chain (shortft.py).
 
 Reads <out_dir>/ddpm/ckpt.pt (the base), <out_dir>/shortcut/ckpt.pt (the frozen shortcut) and the
-reward's classifier. With --method=draft|draft_lv|alignprop|full the same loop runs a baseline's
-long chain instead (shortft.py), writing under <out_dir>/<method>/. Writes <out_dir>/shortft/:
+reward's classifier. With --method=draft|draft_lv|alignprop|drtune|full the same loop runs a baseline's
+long chain instead (shortft.py), and --method=shortft_naive the ShortFT chain with the frozen base model's
+single DDIM step as the shortcut (the control); each writes under <out_dir>/<method>/. Writes <out_dir>/shortft/:
 ckpt.pt (kind "shortft": {unet, opt, step, config, rng, before, history, ...}, the resume checkpoint),
 lora.safetensors (the LoRA weights alone, with the config, base and edges in the metadata: for
 sharing), before_after.png (DDIM-50 samples of
@@ -26,12 +27,12 @@ import torch
 import ddpm
 from ddpm import N_CHAIN  # fine-tune through DDIM-50; evaluate on DDIM-50 of the fine-tuned base model
 from rewards import build_reward, parse_reward_spec, reward_loss
-from shortft import (alignprop_chain, draft_chain, draft_lv_chain, full_chain, merge_for_sampling, set_stage,
-                     shortft_chain)
+from shortft import (alignprop_chain, draft_chain, draft_lv_chain, drtune_chain, full_chain, merge_for_sampling,
+                     set_stage, shortft_chain)
 from sftlib import lora
 from sftlib.common import UserError, export_safetensors, plot_lines, save_grid, set_rng_state, to_uint8
 from sftlib.metrics import evaluate_samples, inception_metrics
-from sftlib.models import build_finetuned, load_ddpm, load_shortcut
+from sftlib.models import build_finetuned, load_ddpm, load_naive_shortcut, load_shortcut
 from sftlib.stage import Stage, run_alone
 
 
@@ -58,21 +59,22 @@ def evaluate(model, sched, x_T, cfg, device, fid_n=0):
     return m, x0
 
 
-METHODS = ("shortft", "draft", "draft_lv", "alignprop", "full")
+METHODS = ("shortft", "shortft_naive", "draft", "draft_lv", "alignprop", "drtune", "full")
 
 
 def method_chain(cfg, ft, student, sched, x_T, stage):
     """x_0 of the method's training chain: ShortFT's short chain, or a baseline's long DDIM-50 chain."""
     method, steps = cfg["method"], ddpm.ddim_timesteps(sched.T, N_CHAIN)
-    if method == "shortft":
+    if method in ("shortft", "shortft_naive"):  # shortft_naive: `student` is the frozen base (load_naive_shortcut)
         return shortft_chain(ft, student, sched, x_T, ft.groups, stage)
     if method == "draft":
         return draft_chain(ft, sched, x_T, steps, cfg["draft_k"])
     if method == "draft_lv":
         return draft_lv_chain(ft, sched, x_T, steps, cfg["lv_n"])
-    if method == "alignprop":  # AlignProp's random truncation: the cut drawn anew every step
-        cut = int(torch.randint(cfg["alignprop_min"], cfg["alignprop_max"] + 1, ()))
-        return alignprop_chain(ft, sched, x_T, steps, cut)
+    if method == "alignprop":  # AlignProp's random truncation: the cut drawn anew at every step
+        return alignprop_chain(ft, sched, x_T, steps, (cfg["alignprop_min"], cfg["alignprop_max"]))
+    if method == "drtune":
+        return drtune_chain(ft, sched, x_T, steps, cfg["drtune_k"])
     return full_chain(ft, sched, x_T, steps, cfg["full_checkpoint"])
 
 
@@ -83,8 +85,11 @@ def check_method(cfg):
         raise UserError(f"--draft_k must be in [1, {N_CHAIN}] (the DDIM-{N_CHAIN} chain), got {cfg['draft_k']}")
     if cfg["lv_n"] < 1:
         raise UserError(f"--lv_n must be at least 1, got {cfg['lv_n']}")
-    if not 0 <= cfg["alignprop_min"] <= cfg["alignprop_max"] < N_CHAIN:
-        raise UserError(f"need 0 <= --alignprop_min <= --alignprop_max < {N_CHAIN}")
+    if not 0 <= cfg["alignprop_min"] <= cfg["alignprop_max"] <= N_CHAIN:
+        raise UserError(f"AlignProp's window needs 0 <= --alignprop_min <= --alignprop_max <= {N_CHAIN}, "
+                        f"got ({cfg['alignprop_min']}, {cfg['alignprop_max']})")
+    if not 1 <= cfg["drtune_k"] <= N_CHAIN:
+        raise UserError(f"--drtune_k must be in [1, {N_CHAIN}] (the DDIM-{N_CHAIN} chain), got {cfg['drtune_k']}")
     parse_reward_spec(cfg["reward"])  # a typo in --reward fails here, before any checkpoint is read
 
 
@@ -128,6 +133,8 @@ def train(cfg, device):
         cfg.update({k: v for k, v in ckpt["config"].items() if k not in ("resume", "device")})
 
     student, _, _, edges = load_shortcut(shortcut_path, device)
+    if cfg["method"] == "shortft_naive":  # the control: the same segments, the base's one DDIM step as the jump
+        student = load_naive_shortcut(base_path, device)
     reward = build_reward(cfg["reward"], cfg["out_dir"], device)
     ft, sched = build_finetuned(cfg, base_path, edges, device)
     k = len(ft.groups)
@@ -158,7 +165,7 @@ def train(cfg, device):
     while budget() < 1:
         t0 = time.time()
         # P-Training: the budget is split into k equal stages; without it, always stage 0 (the diagram)
-        p_stage = min(k - 1, int(budget() * k)) if cfg["progressive"] and cfg["method"] == "shortft" else 0
+        p_stage = min(k - 1, int(budget() * k)) if cfg["progressive"] and cfg["method"] in ("shortft", "shortft_naive") else 0
         set_stage(ft, p_stage)  # in stage i only LoRAs i..k-1 train
         x_T = torch.randn(cfg["ft_batch"], 3, 32, 32, device=device)  # (B, 3, 32, 32)
         x0 = method_chain(cfg, ft, student, sched, x_T, p_stage)  # (B, 3, 32, 32), DRaFT-LV: (n B, ...)

@@ -91,11 +91,12 @@ DEFAULTS = dict(
     n_eval=256,  # DDIM-50 samples from fixed noise, scored before and after fine-tuning
     ft_ckpt_every=20,
     ft_eval_every=0,  # > 0: also score DDIM-50 samples every this many steps (eval.csv: the reward/quality curve)
-    method="shortft",  # shortft | draft | draft_lv | alignprop | full: where the gradient is cut (shortft.py)
+    method="shortft",  # shortft | shortft_naive | draft | draft_lv | alignprop | drtune | full: where the gradient is cut (shortft.py)
     draft_k=1,  # DRaFT-K: the last K of the 50 steps carry gradient
-    lv_n=2,  # DRaFT-LV: copies of the last step
-    alignprop_min=35,  # AlignProp: the cut is uniform in [min, max] of the 50 steps (its default 35..45)
-    alignprop_max=45,
+    lv_n=2,  # DRaFT-LV: re-noised copies of sg(x_0), each taking the last step with gradient
+    alignprop_min=0,  # AlignProp: at every step i a cut uniform in [min, max] is drawn, eps detached if i < cut
+    alignprop_max=50,  # (0, 50): AlignProp's aesthetic/HPS configs
+    drtune_k=5,  # DRTune: evenly spaced steps of the 50 that train (the UNet input is sg(x_t) at every step)
     full_checkpoint=False,  # full backprop: gradient checkpointing on every UNet call
     # --- sizes of the grids and evaluations (DDIM-50 samples cost 50 network calls each) ---
     grid_ddpm=56,  # ddpm stage: DDIM-50 samples in each grid (below a row of 8 real images)

@@ -41,11 +41,18 @@ def load_shortcut(path, device, use_ema=True):
             list(ckpt["edges"]))
 
 
+def load_naive_shortcut(base_path, device):
+    """The naive-shortcut control (method shortft_naive): the frozen base DDPM itself (EMA weights, no
+    LoRA) stands in for the distilled student, so each jump t -> s_j is one DDIM step of the untuned base
+    over the whole segment (consistency.jump). It isolates what distillation buys."""
+    return load_ddpm(base_path, device)[0].requires_grad_(False)  # frozen: the gradient passes through its input only
+
+
 def build_finetuned(cfg, base_path, shortcut_edges, device):
     """The base UNet (EMA weights) with LoRA (or fully trainable), wrapped as a FineTuned eps-predictor."""
     unet, sched, _ = load_ddpm(base_path, device)
     groups = segment_groups(ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN), list(shortcut_edges))
-    tlora = cfg["tlora"] and not cfg["full_ft"] and cfg["method"] == "shortft"  # the baselines train one plain LoRA
+    tlora = cfg["tlora"] and not cfg["full_ft"] and cfg["method"] in ("shortft", "shortft_naive")  # the baselines train one plain LoRA
     if cfg["full_ft"]:
         unet.requires_grad_(True)
     else:

@@ -211,31 +211,193 @@ def test_full_backprop_same_gradient_with_and_without_checkpointing():
     assert a.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_alignprop_cut_never_detaches_x_t():
+# a deterministic mock eps-model, eps_theta(x, t) = theta x, whose chain gradients have a closed form
+
+class LinearEps(nn.Module):
+    """Records every call: (t, does its input require grad, is grad on, i.e. will its eps carry gradient,
+    theta requiring it). First thing in forward, not in a module hook: a checkpoint's recomputation in
+    backward runs without the module's hooks and stops as soon as it has what backward needs."""
+
+    def __init__(self, theta=0.3):
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor(theta, dtype=torch.float64))
+        self.calls = []
+
+    def forward(self, x, t):
+        self.calls.append((int(t[0]), x.requires_grad, torch.is_grad_enabled()))
+        return self.theta * x
+
+
+def mock_setup(n=10):
+    """The mock, an unclipped float64 schedule with abar from its definition (Ho et al. 2020), an n-step
+    chain, x_T that requires grad, a fixed weighting w of the loss L = sum(w x_0), and the coefficients
+    of x_s = c x_t + d eps (DDIM, Song et al. 2021, Eq. 12) at each step, from abar alone."""
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)  # (T,)
+    sched = ddpm.Schedule()
+    sched.alpha_bar = abar
+    steps = ddpm.ddim_timesteps(1000, n)
+    a_t = abar[steps]  # (n,)
+    a_s = torch.cat([abar[steps[1:]], torch.ones(1, dtype=torch.float64)])  # (n,) abar of the next t; x_0: 1
+    c = (a_s / a_t).sqrt()  # (n,) d x_s / d x_t at fixed eps
+    d = (1 - a_s).sqrt() - (a_s * (1 - a_t) / a_t).sqrt()  # (n,) d x_s / d eps
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g).requires_grad_(True)
+    w = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g)
+    return LinearEps(), sched, steps, x_T, w, c, d
+
+
+def closed_form(theta, x_T, w, c, d, trained, eps_path):
+    """dL/dtheta and dL/dx_T for L = sum(w x_0): with eps = theta x_t every state is a scalar multiple of
+    x_T, x_i = prod_{j<i} (c_j + d_j theta) x_T. Step j passes gradient on to x_t with J_j = c_j + d_j theta
+    when eps is differentiable in x_t there (eps_path[j]), else with c_j; theta gets d_i <w, x_i> from
+    each trained step i, carried down by the J's of the later steps."""
+    a = c + d * theta  # (n,)
+    J = torch.where(torch.tensor(eps_path), a, c)  # (n,)
+    S = (w * x_T.detach()).sum()
+    n = len(c)
+    d_theta = sum(J[i + 1:].prod() * d[i] * a[:i].prod() for i in range(n) if i in trained) * S
+    return d_theta, J.prod() * w
+
+
+def test_alignprop_draws_the_cut_anew_at_every_step():
+    """AlignProp's code: at every step i, c_i = randint(min, max), eps detached when i < c_i. The steps
+    whose eps carries gradient are exactly those the draws allow, each of those UNet calls is recomputed
+    in backward (checkpointed), and the gradients equal the closed form."""
     from shortft import alignprop_chain
 
-    unet, sched, steps, x_T = plain_setup()
-    x_T.requires_grad_(True)
-    alignprop_chain(unet, sched, x_T, steps, cut=len(steps) - 1).pow(2).mean().backward()
-    assert x_T.grad is not None and x_T.grad.abs().sum() > 0  # the gradient reached x_T through every x_t
-    assert all(p.grad is not None for p in lora.lora_params(unet, 0))  # and the last step's eps carries one
+    model, sched, steps, x_T, w, c, d = mock_setup()
+    calls = model.calls
+    n = len(steps)
+    x0 = alignprop_chain(model, sched, x_T, steps, window=(0, n), generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    cuts = [int(torch.randint(0, n + 1, (), generator=g)) for _ in range(n)]  # the draws, one per step
+    allowed = [i for i in range(n) if i >= cuts[i]]
+    assert 0 < len(allowed) and allowed != list(range(allowed[0], n))  # per-step draws: not one cut's suffix
+    assert [i for i, (_, _, rg) in enumerate(calls) if rg] == allowed
+    (x0 * w).sum().backward()
+    assert len(calls) == n + len(allowed)  # backward recomputed exactly the grad-carrying calls
+    d_theta, d_x_T = closed_form(model.theta.item(), x_T, w, c, d, allowed, [i in allowed for i in range(n)])
+    assert abs(d_theta) > 1e-3 and torch.allclose(model.theta.grad, d_theta, rtol=1e-10)
+    assert torch.allclose(x_T.grad, d_x_T, rtol=1e-10)
 
 
-def test_draft_lv_with_one_copy_is_draft_1():
-    from shortft import draft_chain, draft_lv_chain
+def test_alignprop_never_detaches_x_t():
+    """A window (n, n) detaches every eps: theta gets nothing, yet x_T's gradient flows through every
+    x_t: the DDIM update's own coefficients, prod c = 1 / sqrt(abar_{t_0})."""
+    from shortft import alignprop_chain
 
-    unet, sched, steps, x_T = plain_setup()
-    assert torch.equal(draft_lv_chain(unet, sched, x_T, steps, n=1), draft_chain(unet, sched, x_T, steps, K=1))
-    assert torch.allclose(lora_grad(unet, lambda: draft_lv_chain(unet, sched, x_T, steps, n=1)),
-                          lora_grad(unet, lambda: draft_chain(unet, sched, x_T, steps, K=1)))
-    assert draft_lv_chain(unet, sched, x_T, steps, n=3).shape[0] == 3
+    model, sched, steps, x_T, w, c, d = mock_setup()
+    (alignprop_chain(model, sched, x_T, steps, window=(len(steps), len(steps))) * w).sum().backward()
+    assert model.theta.grad is None
+    assert torch.allclose(x_T.grad, w / sched.alpha_bar[steps[0]].sqrt(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("K", [1, 3, 10])
+def test_drtune_stops_the_input_gradient_and_trains_k_evenly_spaced_steps(K):
+    """DRTune: the UNet's input never requires grad; K calls carry gradient, evenly spaced; theta's
+    gradient is the closed form with no path through eps's input; x_T's is prod c."""
+    from shortft import drtune_chain
+
+    model, sched, steps, x_T, w, c, d = mock_setup()
+    calls = model.calls
+    n = len(steps)
+    x0 = drtune_chain(model, sched, x_T, steps, K, generator=torch.Generator().manual_seed(K))
+    assert len(calls) == n and not any(inp_rg for _, inp_rg, _ in calls)
+    trained = [i for i, (_, _, rg) in enumerate(calls) if rg]
+    assert len(trained) == K and trained[0] < n // K and all(b - a == n // K for a, b in zip(trained, trained[1:]))
+    (x0 * w).sum().backward()
+    d_theta, d_x_T = closed_form(model.theta.item(), x_T, w, c, d, trained, [False] * n)
+    assert abs(d_theta) > 1e-3 and torch.allclose(model.theta.grad, d_theta, rtol=1e-10)
+    assert torch.allclose(x_T.grad, d_x_T, rtol=1e-10) and torch.allclose(d_x_T, w / sched.alpha_bar[steps[0]].sqrt())
+
+
+def test_drtune_offset_is_random_below_the_stride():
+    from shortft import drtune_train_steps
+
+    firsts = {drtune_train_steps(50, 5, torch.Generator().manual_seed(s))[0] for s in range(60)}
+    assert firsts == set(range(10))  # every offset 0..9 occurs, none beyond the stride
+
+
+def test_draft_lv_renoises_the_stop_gradient_x0_for_every_copy():
+    """Clark et al.: all n copies are q(x_1 | sg(x_0)) (Ho et al. 2020, Eq. 4), each then takes the last
+    step with gradient. Checked on the UNet's input at that step, with the noise fixed by the seed."""
+    from shortft import draft_lv_chain
+
+    unet, sched, steps, _ = plain_setup()
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)  # (T,) by definition
+    sched.alpha_bar = abar
+    x_T = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    inputs = []
+    unet.register_forward_pre_hook(lambda m, a: inputs.append((int(a[1][0]), a[0])))
+    torch.manual_seed(11)
+    out = draft_lv_chain(unet, sched, x_T, steps, n=3)
+    t_last, x_last = inputs[-1]
+    with torch.no_grad():  # the oracle's own x_0: the DDIM chain with no graph
+        x0 = ddpm.ddim_sample(unet, sched, x_T, steps)
+    torch.manual_seed(11)
+    expected = torch.cat([abar[t_last].sqrt() * x0 + (1 - abar[t_last]).sqrt() * torch.randn(x0.shape, dtype=torch.float64)
+                          for _ in range(3)])  # (3 B, C, H, W)
+    assert t_last == steps[-1] and x_last.shape == (6, 3, 32, 32) and not x_last.requires_grad
+    assert torch.allclose(x_last, expected, rtol=1e-12, atol=1e-12), (x_last - expected).abs().max()
+    last = lambda x: ddpm.ddim_step(sched, x, unet(x, torch.full((6,), t_last)), t_last, -1)
+    assert torch.allclose(out, last(x_last), rtol=1e-12, atol=1e-12)
+
+    def chain():
+        torch.manual_seed(11)
+        return draft_lv_chain(unet, sched, x_T, steps, n=3)
+
+    g = lora_grad(unet, chain)
+    assert g.abs().sum() > 0 and torch.allclose(g, lora_grad(unet, lambda: last(x_last)), rtol=1e-9, atol=1e-12)
+    out.sum().backward()
+    assert x_T.grad is None  # sg(x_0): no path back to x_T either
+
+
+def test_naive_shortcut_jump_is_one_base_ddim_step(tmp_path):
+    """shortft_naive: the jump t -> s_j is one DDIM step of the frozen base model (no LoRA) over the whole
+    segment. The chain equals the 7-hop chain written out with explicit base DDIM steps as the shortcuts."""
+    import copy
+
+    from sftlib.config import DEFAULTS
+    from sftlib.models import load_naive_shortcut
+
+    base = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_res=(16,), dropout=0.0).eval()
+    cfg = {**DEFAULTS, "ch": 8, "ch_mult": "1,2", "num_res_blocks": 1, "attn_res": "16"}
+    torch.save({"kind": "ddpm", "config": cfg, "ema": base.state_dict()}, tmp_path / "ckpt.pt")
+    naive = load_naive_shortcut(str(tmp_path / "ckpt.pt"), "cpu")
+    assert not any(p.requires_grad for p in naive.parameters())
+    unet = copy.deepcopy(base)
+    lora.add_lora(unet, rank=2, alpha=2.0, k=4)
+    randomise_lora(unet, 2)  # the fine-tuned model now differs from the base
+    ft = FineTuned(unet, segment_groups(ddpm.ddim_timesteps(1000, 50), EDGES))
+    sched = ddpm.Schedule()
+    x_T = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # values only: the oracle below has no graph either
+        got = shortft_chain(ft, naive, sched, x_T, ft.groups, 0)
+
+        def step(model, x, t, s):  # one DDIM step (Song et al. 2021, Eq. 12) with model's eps
+            return ddpm.ddim_step(sched, x, model(x, torch.full((2,), t)), t, s)
+
+        def lora_n(n):
+            return lambda x, t: (lora.set_active(unet, n), unet(x, t))[1]
+
+        x = x_T
+        for t in range(981, 741, -20):  # segment 1: the fine-tuned model (LoRA 1), 981 .. 761 -> 741
+            x = step(lora_n(1), x, t, t - 20)
+        x = step(base, step(lora_n(2), step(base, x, 741, 501), 501, 481), 481, 261)
+        x = step(lora_n(4), step(base, step(lora_n(3), x, 261, 241), 241, 1), 1, -1)
+    assert (got - x).abs().max() < 1e-5, (got - x).abs().max()
+    with torch.no_grad():  # and it is not the distilled-style jump with the fine-tuned model
+        assert not torch.allclose(got, shortft_chain(ft, unet, sched, x_T, ft.groups, 0), atol=1e-5)
 
 
 def test_baselines_bad_input():
-    from shortft import alignprop_chain, draft_chain, draft_lv_chain
+    from shortft import alignprop_chain, draft_chain, draft_lv_chain, drtune_chain
 
     unet, sched, steps, x_T = plain_setup()
     for bad in (lambda: draft_chain(unet, sched, x_T, steps, K=11), lambda: draft_lv_chain(unet, sched, x_T, steps, n=0),
-                lambda: alignprop_chain(unet, sched, x_T, steps, cut=10)):
+                lambda: alignprop_chain(unet, sched, x_T, steps, window=(5, 4)),
+                lambda: alignprop_chain(unet, sched, x_T, steps, window=(-1, 5)),
+                lambda: alignprop_chain(unet, sched, x_T, steps, window=(0, 11)),
+                lambda: drtune_chain(unet, sched, x_T, steps, K=0), lambda: drtune_chain(unet, sched, x_T, steps, K=11)):
         with pytest.raises(UserError):
             bad()

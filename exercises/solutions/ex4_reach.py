@@ -51,7 +51,7 @@ if __name__ == "__main__":  # the ablation table: which network calls each metho
     methods = {}  # name -> chain(model, x_T) -> x_0; functools.partial fixes each one's K or stage
     for K in (1, 10, 38, 39):
         methods[f"DRaFT-{K}"] = functools.partial(lambda m, x, K: shortft.draft_chain(m, sched, x, steps, K), K=K)
-    methods["AlignProp (cut at step 40)"] = lambda m, x: shortft.alignprop_chain(m, sched, x, steps, 40)
+    methods["AlignProp (cut at step 40)"] = lambda m, x: shortft.alignprop_chain(m, sched, x, steps, (40, 40))
     methods["full backprop"] = lambda m, x: shortft.full_chain(m, sched, x, steps)
     for i in range(4):
         methods[f"ShortFT, stage {i}"] = functools.partial(

@@ -106,6 +106,15 @@ class TeacherChains:
                 x_s = ddpm.ddim_step(sched, self.x, teacher(self.x, t), t, s)  # (m, 3, 32, 32)
                 self.x = torch.where((self.n > j).view(-1, 1, 1, 1), x_s, self.x)
 
+    def state_dict(self):
+        """Where the chains are (a checkpoint holds it, so a resumed distillation goes on exactly)."""
+        return {"n": self.n.cpu(), "x": self.x.cpu()}
+
+    def load_state_dict(self, state):
+        if state["x"].shape != self.x.shape:
+            raise UserError(f"the checkpoint's {len(state['x'])} teacher chains do not match this run's {len(self.x)}")
+        self.n, self.x = state["n"].to(self.n.device), state["x"].to(self.x.device)
+
     def advance(self, x_n):
         """Step every chain down to x_n (the CD loss's teacher step); those that reached x_0 restart."""
         self.n = self.n + 1  # (m,)

@@ -61,12 +61,12 @@ def lr_at(step, steps, peak):
 def train_net(kind, cfg, device):
     """Train one of the two nets (kind = "classifier" | "evaluator") to <out_dir>/<kind>/ckpt.pt."""
     arch_name, width_key, steps_key, seed_offset = NETS[kind]
-    arch = {"name": arch_name, "width": cfg[width_key]}
-    steps = cfg[steps_key]
-    stage = Stage(cfg, kind, kind=kind, steps=steps, columns=("loss", "train_acc"))
-    ckpt = stage.resume_or_skip(complete=lambda c: c["test_acc"] is not None and c["step"] >= steps)
+    stage = Stage(cfg, kind, kind=kind, steps=steps_key, columns=("loss", "train_acc"))
+    ckpt = stage.resume_or_skip(complete=lambda c: c["test_acc"] is not None and c["step"] >= cfg[steps_key])
     if stage.skipped:
         return stage.ckpt_path
+    arch = {"name": arch_name, "width": cfg[width_key]}  # on --resume, cfg is now the checkpoint's config
+    steps = cfg[steps_key]
     step, elapsed = 0, 0.0
     if ckpt is not None:
         if ckpt["arch"] != arch:
@@ -127,7 +127,7 @@ def train_net(kind, cfg, device):
 def train(cfg, device):
     """The `classifier` stage: reward classifier, held-out evaluator, then the real-feature statistics."""
     for kind in NETS:
-        train_net(kind, cfg, device)
+        train_net(kind, cfg.copy(), device)  # a copy each: a resumed net takes its own checkpoint's config
     stats = metrics.real_stats(cfg["out_dir"], device)
     print(f"[evaluator] real floor: {metrics.FD_NAME} between {stats['n_train']} train and "
           f"{stats['n_test']} test images = {stats['fd_floor']:.4g}")

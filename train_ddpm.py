@@ -14,9 +14,9 @@ import time
 import torch
 
 import ddpm
-from sftlib.common import UserError, bf16_autocast, ema_update, export_safetensors, save_grid, set_rng_state
+from sftlib.common import bf16_autocast, ema_update, export_safetensors, save_grid, set_rng_state
 from sftlib.data import DeviceBatches, load_cifar10
-from sftlib.models import MODEL_KEYS, schedule_of
+from sftlib.models import schedule_of
 from sftlib.stage import Stage, run_alone
 from unet import build_unet
 
@@ -29,19 +29,16 @@ def sample_grid(model, sched, x_T, real, path, batch):
 
 
 def train(cfg, device):
-    steps = cfg["ddpm_steps"]
-    stage = Stage(cfg, "ddpm", kind="ddpm", steps=steps, columns=("loss",))
-    ckpt = stage.resume_or_skip(complete=lambda c: c["step"] >= c["config"]["ddpm_steps"] and c["step"] >= steps)
+    stage = Stage(cfg, "ddpm", kind="ddpm", steps="ddpm_steps", columns=("loss",))
+    export = os.path.join(stage.out, "model.safetensors")  # written last: the stage is complete once it exists
+    ckpt = stage.resume_or_skip(complete=lambda c: c["step"] >= cfg["ddpm_steps"] and os.path.isfile(export))
     if stage.skipped:
         return stage.ckpt_path
+    steps = cfg["ddpm_steps"]  # on --resume, cfg is now the checkpoint's config (sftlib/stage.py)
     model = build_unet(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["ddpm_lr"])
     step, elapsed = 0, 0.0
     if ckpt is not None:
-        changed = [k for k in MODEL_KEYS if ckpt["config"][k] != cfg[k]]
-        if changed:
-            raise UserError(f"cannot resume {stage.ckpt_path}: it was trained with other {', '.join(changed)}")
-        cfg.update({k: v for k, v in ckpt["config"].items() if k not in ("ddpm_steps", "resume", "device")})
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         step, elapsed = ckpt["step"], ckpt["elapsed"]
@@ -86,7 +83,7 @@ def train(cfg, device):
             stage.save(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
                        elapsed=elapsed)
     stage.close()
-    export_safetensors(ema.state_dict(), cfg, os.path.join(stage.out, "model.safetensors"), kind="ddpm")
+    export_safetensors(ema.state_dict(), cfg, export, kind="ddpm")
     print(f"[ddpm] done: {step} steps in {elapsed / 60:.1f} min of training; checkpoint {stage.ckpt_path}")
     return stage.ckpt_path
 

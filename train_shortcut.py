@@ -41,16 +41,17 @@ def check(cfg):
 
 
 def train(cfg, device):
-    steps = cfg["shortcut_steps"]
-    stage = Stage(cfg, "shortcut", kind="shortcut", steps=steps, columns=("loss",))
+    stage = Stage(cfg, "shortcut", kind="shortcut", steps="shortcut_steps", columns=("loss",))
+    export = os.path.join(stage.out, "model.safetensors")  # written last: the stage is complete once it exists
     teacher_path = os.path.join(cfg["out_dir"], "ddpm", "ckpt.pt")
     if not os.path.isfile(teacher_path):
         raise UserError(f"[shortcut] no teacher at {teacher_path}: run the ddpm stage first "
                         f"(python train_toy.py --stages=ddpm --out_dir={cfg['out_dir']})")
     check(cfg)
-    ckpt = stage.resume_or_skip(complete=lambda c: c["step"] >= c["config"]["shortcut_steps"] and c["step"] >= steps)
+    ckpt = stage.resume_or_skip(complete=lambda c: c["step"] >= cfg["shortcut_steps"] and os.path.isfile(export))
     if stage.skipped:
         return stage.ckpt_path
+    steps = cfg["shortcut_steps"]  # on --resume, cfg is now the checkpoint's config (sftlib/stage.py)
     teacher, sched, teacher_cfg = load_ddpm(teacher_path, device)  # the DDPM's EMA weights
     teacher.requires_grad_(False)
     edges = segment_edges(sched.T, ddpm.N_CHAIN, cfg["k_segments"])
@@ -68,18 +69,15 @@ def train(cfg, device):
     if ckpt is not None:
         if list(ckpt["edges"]) != edges:
             raise UserError(f"cannot resume {stage.ckpt_path}: it was distilled with edges {ckpt['edges']}, not {edges}")
-        cfg.update({k: v for k, v in ckpt["config"].items() if k not in ("shortcut_steps", "resume", "device")})
         student.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         step, elapsed = ckpt["step"], ckpt["elapsed"]
-        print("[shortcut] (with fresh teacher chains)")
     sched.clip_x0 = cfg["clip_x0"]  # teacher steps and jumps clip x0_hat as this run says (ddpm.py)
     target = copy.deepcopy(student).eval().requires_grad_(False)  # the target network phi^- of CD
     ema = copy.deepcopy(student).eval().requires_grad_(False)  # a slower average, the weights we sample
     if ckpt is not None:
         target.load_state_dict(ckpt["target"])
         ema.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"])
 
     x, y = load_cifar10(cfg["data_root"], "train", cfg["n_train"], os.path.join(cfg["out_dir"], "cache"))
     data = DeviceBatches(x, y, device)
@@ -90,6 +88,10 @@ def train(cfg, device):
 
     m = round(cfg["teacher_chain_frac"] * cfg["shortcut_batch"])  # batch rows on the teacher's own chains
     chains = TeacherChains(teacher, sched, m, device) if m > 0 else None
+    if ckpt is not None:  # exact resume: the chains where they were, then the RNG as it was (after the
+        if chains is not None and ckpt.get("chains") is not None:  # constructor's draws, which it replaces)
+            chains.load_state_dict(ckpt["chains"])
+        set_rng_state(ckpt["rng"])
     net = torch.compile(student) if cfg["compile"] and device.type == "cuda" else student
     autocast = bf16_autocast(cfg, device)
     if stage.start(step):
@@ -112,11 +114,12 @@ def train(cfg, device):
         stage.tick(step, cfg["shortcut_batch"], "shortcut_lr", cfg["log_every"], loss=loss.item())
         if stage.due(step, cfg["shortcut_ckpt_every"]):
             stage.save(model=student.state_dict(), ema=ema.state_dict(), target=target.state_dict(),
-                       opt=opt.state_dict(), step=step, edges=edges, teacher=teacher_path, elapsed=elapsed)
+                       opt=opt.state_dict(), step=step, edges=edges, teacher=teacher_path, elapsed=elapsed,
+                       chains=chains.state_dict() if chains is not None else None)
         if stage.due(step, cfg["sample_every"]):
             sample_grid(teacher, ema, sched, x_T, edges, os.path.join(stage.out, f"samples_{step}.png"))
     stage.close()
-    export_safetensors(ema.state_dict(), cfg, os.path.join(stage.out, "model.safetensors"), kind="shortcut",
+    export_safetensors(ema.state_dict(), cfg, export, kind="shortcut",
                        edges=edges)
     print(f"[shortcut] done: {step} steps in {elapsed / 60:.1f} min of training; checkpoint {stage.ckpt_path}")
     return stage.ckpt_path

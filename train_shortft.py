@@ -30,7 +30,8 @@ from rewards import build_reward, parse_reward_spec, reward_loss
 from shortft import (alignprop_chain, draft_chain, draft_lv_chain, drtune_chain, full_chain, merge_for_sampling,
                      set_stage, shortft_chain)
 from sftlib import lora
-from sftlib.common import UserError, export_safetensors, plot_lines, save_grid, set_rng_state, to_uint8
+from sftlib.common import (UserError, export_safetensors, file_sha256, plot_lines, save_grid, set_rng_state, to_uint8,
+                           write_text)
 from sftlib.metrics import evaluate_samples, inception_metrics
 from sftlib.models import build_finetuned, load_ddpm, load_naive_shortcut, load_shortcut
 from sftlib.stage import Stage, run_alone
@@ -112,8 +113,7 @@ def base_scores(ft, sched, x_eval, cfg, base_path, device):
             return json.load(f)
     print(f"[shortft] evaluating the base model: DDIM-50 samples of {cfg['n_eval']} fixed noises")
     before, _ = evaluate(ft, sched, x_eval, cfg, device, cfg["fid_n"])
-    with open(cache, "w") as f:
-        json.dump(before, f)
+    write_text(cache, json.dumps(before))
     return before
 
 
@@ -122,15 +122,20 @@ def train(cfg, device):
     base_path = os.path.join(cfg["out_dir"], "ddpm", "ckpt.pt")
     shortcut_path = os.path.join(cfg["out_dir"], "shortcut", "ckpt.pt")
     check_method(cfg)
-    for path, name in ((base_path, "ddpm"), (shortcut_path, "shortcut")):
+    evaluator_path = os.path.join(cfg["out_dir"], "evaluator", "ckpt.pt")  # the held-out judge of before/after
+    for path, name in ((base_path, "ddpm"), (shortcut_path, "shortcut"), (evaluator_path, "classifier")):
         if not os.path.isfile(path):
             raise UserError(f"ShortFT needs {path}: run the {name} stage first (--stages={name})")
-    stage = Stage(cfg, out_name, kind="shortft", steps=cfg["ft_steps"])
-    ckpt = stage.resume_or_skip(complete=lambda c: c["done"])
+    stage = Stage(cfg, out_name, kind="shortft", steps="ft_steps")
+    ckpt = stage.resume_or_skip(complete=lambda c: c["done"])  # done: saved after every output exists
     if stage.skipped:
         return stage.ckpt_path
-    if ckpt is not None:
-        cfg.update({k: v for k, v in ckpt["config"].items() if k not in ("resume", "device")})
+    # the base and shortcut, named by their bytes: a resumed run must go on from the same ones
+    base_sha, shortcut_sha = file_sha256(base_path), file_sha256(shortcut_path)
+    for key, sha, path in (("base_sha256", base_sha, base_path), ("shortcut_sha256", shortcut_sha, shortcut_path)):
+        if ckpt is not None and ckpt.get(key) != sha:
+            raise UserError(f"cannot resume {stage.ckpt_path}: {path} is not the model it was fine-tuned from "
+                            f"(its SHA-256 differs)")
 
     student, _, _, edges = load_shortcut(shortcut_path, device)
     if cfg["method"] == "shortft_naive":  # the control: the same segments, the base's one DDIM step as the jump
@@ -157,7 +162,8 @@ def train(cfg, device):
 
     def save(done):
         stage.save(unet=ft.unet.state_dict(), opt=opt.state_dict(), step=step, done=done, train_s=train_s,
-                   before=before, history=history, curve=curve, base=base_path, edges=list(edges))
+                   before=before, history=history, curve=curve, base=os.path.abspath(base_path), base_sha256=base_sha,
+                   shortcut=os.path.abspath(shortcut_path), shortcut_sha256=shortcut_sha, edges=list(edges))
 
     # the budget: ft_steps steps, or ft_seconds of training time when that is set (equal compute)
     budget = (lambda: train_s / cfg["ft_seconds"]) if cfg["ft_seconds"] > 0 else (lambda: step / cfg["ft_steps"])
@@ -191,8 +197,9 @@ def train(cfg, device):
         if step % cfg["ft_ckpt_every"] == 0:
             save(done=False)
     stage.close()
-    save(done=True)
+    save(done=False)  # the final weights; `done` only once every output below exists
     report(cfg, ft, sched, x_eval, before, history, curve, train_s, stage.out, base_path, edges, device)
+    save(done=True)
     return stage.ckpt_path
 
 
@@ -205,21 +212,17 @@ def report(cfg, ft, sched, x_eval, before, history, curve, train_s, out, base_pa
     step = len(history)
     after, x_after = evaluate(merge_for_sampling(ft), sched, x_eval, cfg, device, cfg["fid_n"])
     curve = [point(0, 0.0, before)] + curve + [point(step, train_s, after)]
-    with open(os.path.join(out, "eval.csv"), "w") as f:  # held-out scores along the run (--ft_eval_every)
-        f.write(",".join(curve[0]) + "\n")
-        f.writelines(",".join(f"{v:.5g}" for v in c.values()) + "\n" for c in curve)
+    write_text(os.path.join(out, "eval.csv"),  # held-out scores along the run (--ft_eval_every)
+               ",".join(curve[0]) + "\n" + "".join(",".join(f"{v:.5g}" for v in c.values()) + "\n" for c in curve))
     x_before = ddim50(load_ddpm(base_path, device)[0], sched, x_eval[:cfg["grid_ft"]], cfg["sample_batch"])
     save_grid(torch.cat([x_before, x_after[:cfg["grid_ft"]]]), os.path.join(out, "before_after.png"))
-    with open(os.path.join(out, "log.csv"), "w") as f:
-        f.write("step,stage,reward,grad_norm,ms\n")
-        f.writelines(f"{h['step']},{h['stage']},{h['reward']:.5f},{h['grad_norm']:.4f},{h['ms']:.1f}\n"
-                     for h in history)
+    write_text(os.path.join(out, "log.csv"), "step,stage,reward,grad_norm,ms\n" + "".join(
+        f"{h['step']},{h['stage']},{h['reward']:.5f},{h['grad_norm']:.4f},{h['ms']:.1f}\n" for h in history))
     ms = np.median([h["ms"] for h in history])
     metrics = dict(method=cfg["method"], reward=cfg["reward"], steps=step, ms_per_step_median=float(ms),
                    peak_memory_mib=peak_memory_mib(device), device=str(device), before=before, after=after,
                    curve=curve)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1))
     plot_rewards(history, os.path.join(out, "reward.png"))
     print(f"[shortft] done: {step} steps, median {ms:.0f} ms/step; metrics in {out}/metrics.json")
 

@@ -27,7 +27,7 @@ import torch
 
 import ddpm
 from sftlib import config
-from sftlib.common import UserError, load_checkpoint, pick_device, run_main, save_grid, seed_all, to_uint8
+from sftlib.common import UserError, atomic_path, load_checkpoint, pick_device, run_main, save_grid, seed_all, to_uint8
 
 # (stage, module): each module's train(cfg, device) runs the stage, or skips it when its checkpoint
 # <out_dir>/<stage>/ckpt.pt is complete. Later stages read the checkpoints of earlier ones.
@@ -82,7 +82,7 @@ def run_pipeline(args):
         if stage not in wanted:
             continue
         t0 = time.time()
-        importlib.import_module(module).train(dict(cfg), device)  # writes <out_dir>/<stage>/ckpt.pt
+        importlib.import_module(module).train(cfg.copy(), device)  # a copy that knows the typed keys  # writes <out_dir>/<stage>/ckpt.pt
         minutes[stage] = (time.time() - t0) / 60
     print_results(cfg["out_dir"], cfg["method"], minutes)
 
@@ -119,8 +119,7 @@ def run_sample(args):
     given = config.parse_overrides(args, config.SAMPLE_DEFAULTS, prog="train_toy.py sample",
                                    description=run_sample.__doc__, source=config.__file__)
     opts.update(given)
-    if opts["n"] < 1:
-        raise UserError(f"--n must be at least 1, got {opts['n']}")
+    config.check_sample(opts)  # counts >= 1, and --n within the free memory
     if opts["sampler"] not in ("ddpm", "ddim", "shortcut"):
         raise UserError(f"--sampler must be ddpm, ddim or shortcut, got {opts['sampler']!r}")
     if not opts["out"].endswith(".npz"):
@@ -155,9 +154,8 @@ def run_sample(args):
             print(f"[sample] {min(i + opts['batch'], opts['n'])}/{opts['n']}")
     x0 = torch.cat(images)  # (N, 3, 32, 32)
     os.makedirs(os.path.dirname(opts["out"]) or ".", exist_ok=True)
-    tmp = opts["out"][:-4] + ".tmp.npz"
-    np.savez(tmp, images=to_uint8(x0))
-    os.replace(tmp, opts["out"])
+    with atomic_path(opts["out"]) as tmp:
+        np.savez(tmp, images=to_uint8(x0))
     save_grid(x0[:64], opts["out"][:-4] + ".png")
     print(f"[sample] wrote {opts['out']} ({len(x0)} images) and {opts['out'][:-4]}.png")
 

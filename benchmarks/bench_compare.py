@@ -34,7 +34,7 @@ import ddpm
 import train_shortft
 from rewards import build_reward
 from sftlib import config
-from sftlib.common import UserError, pick_device, plot_lines, run_main
+from sftlib.common import UserError, load_checkpoint, pick_device, plot_lines, run_main
 from sftlib.models import build_finetuned, load_shortcut
 from shortft import full_chain, shortft_chain
 
@@ -150,8 +150,7 @@ def shortcut_for_k(k, opts, device):
     for link in ("ddpm", "cache"):  # the same teacher and the same cached data
         if not os.path.exists(os.path.join(out, link)) and os.path.exists(os.path.join(base, link)):
             os.symlink(os.path.join(base, link), os.path.join(out, link))
-    data_root = torch.load(os.path.join(base, "ddpm", "ckpt.pt"), map_location="cpu",
-                           weights_only=False)["config"]["data_root"]
+    data_root = load_checkpoint(os.path.join(base, "ddpm", "ckpt.pt"), "ddpm")["config"]["data_root"]
     print(f"[compare] the k = {k} shortcut: {opts['k_shortcut_steps']} steps from the k = 4 one", flush=True)
     # --resume: a complete shortcut is skipped, a killed distillation continues, a missing one starts
     call([os.path.join(ROOT, "train_toy.py"), "--stages=shortcut", f"--out_dir={out}", f"--k_segments={k}",

@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)  # run as `python benchmarks/<name>.py` from anywhere: 
 
 import ddpm
 from sftlib import config
-from sftlib.common import UserError, pick_device, run_main
+from sftlib.common import UserError, load_checkpoint, pick_device, run_main
 from unet import build_unet
 
 DEFAULTS = dict(device="auto", iters=5, run_stage=False, out_dir="out", data_root="../shared/data/cifar10",
@@ -92,7 +92,7 @@ def main(argv):
               f"{r['forward_img_s']:10.1f} {r['peak_MiB']:9d}")
     ckpt = os.path.join(opts["out_dir"], "ddpm", "ckpt.pt")
     if os.path.isfile(ckpt):
-        c = torch.load(ckpt, map_location="cpu", weights_only=False)
+        c = load_checkpoint(ckpt, "ddpm", keys=("step", "elapsed", "config"))
         print(f"{ckpt}: {c['step']} steps, {c['elapsed'] / 60:.1f} min of training steps "
               f"(preset {c['config']['preset']}, recorded by the run)")
     if opts["run_stage"]:

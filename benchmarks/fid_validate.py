@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sftlib import fid  # noqa: E402
+from sftlib.common import run_main  # noqa: E402
 
 
 def sync(device):
@@ -72,4 +73,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(lambda argv: main())  # Ctrl-C and unreadable files: one line, no traceback

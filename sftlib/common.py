@@ -1,8 +1,11 @@
 """Small shared helpers: errors for users and the entry points' guard, device choice, atomic checkpoints
 and safetensors exports, EMA, image grids and line plots."""
 import contextlib
+import errno
+import glob
 import json
 import os
+import pickle
 import random
 import sys
 
@@ -15,16 +18,30 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """The guard of every entry point: main(sys.argv[1:]); a UserError is one line on stderr and exit
-    code 2, never a traceback; Ctrl-C keeps the last checkpoint and says how to go on."""
+    """The guard of every entry point: main(sys.argv[1:]); a UserError, an unreadable or unwritable file
+    (disk full, no permission) and Ctrl-C are each one line on stderr and a non-zero exit code, never a
+    traceback; the last checkpoint is kept."""
     try:
         main(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # the file system said no: bad file, disk full, read-only, no permission
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; rerun with --resume to continue", file=sys.stderr)
         sys.exit(130)
+
+
+def os_error_line(e, path=None):
+    """One line for an OSError: what failed, on which file, and what to do about it."""
+    where = path or getattr(e, "filename", None) or "a file"
+    if e.errno == errno.ENOSPC:
+        return f"disk full while writing {where}: free some space (earlier files are kept intact)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"no permission to write or read {where} ({e.strerror})"
+    return f"{e.strerror or type(e).__name__}: {where}"
 
 
 def pick_device(name="auto"):
@@ -68,29 +85,104 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary name next to `path` to write to; on success it is renamed to `path` (a run
+    killed mid-write never leaves a torn file), on any failure it is removed. A full disk (ENOSPC, or
+    torch.save's RuntimeError for it) becomes one UserError line; the earlier `path` stays as it was."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"  # per process: two writers never share it; ext: np.savez keeps it
+    try:
+        yield tmp
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserError(os_error_line(e, path)) from None
+        if isinstance(e, RuntimeError) and _low_space(path):  # torch.save's writer hides ENOSPC in a RuntimeError
+            raise UserError(os_error_line(OSError(errno.ENOSPC, "no space"), path)) from None
+        raise
+
+
+def _low_space(path, margin=1 << 20):
+    import shutil
+
+    return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < margin
+
+
+def remove_stale_temps(folder):
+    """Temporary files left by a run killed mid-write (atomic_path cleans up after every other failure)."""
+    for tmp in glob.glob(os.path.join(glob.escape(folder), "*.tmp[0-9]*")):
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a run killed mid-write never leaves a torn file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic on POSIX and Windows
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
-def load_checkpoint(path, kind):
-    """Load a checkpoint written by this project and check it is of the expected kind (or kinds)."""
+def write_text(path, text):
+    """A text file (a CSV, a JSON), written atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+
+# what each kind of checkpoint must hold to be loaded as a model (resuming checks more: stage.py)
+CKPT_KEYS = {"ddpm": ("config", "ema", "model"), "shortcut": ("config", "ema", "model", "edges"),
+             "classifier": ("config", "model", "arch"), "evaluator": ("config", "model", "arch"),
+             "shortft": ("config", "unet", "base", "base_sha256", "edges")}
+
+
+def file_sha256(path):
+    """The SHA-256 of a file's bytes: names a checkpoint unambiguously, wherever it lies."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def torch_load_trusted(path):
+    """torch.load with weights_only=True: tensors and plain containers only, so a pickled object (which
+    could run code while loading) is refused with one line, not executed."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # what torch.save writes; anything else is torn or another format
+        raise UserError(f"could not read checkpoint {path} (not a torch.save archive): is it corrupt?")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            raise UserError(f"{path} is not a trusted checkpoint: it holds pickled objects beyond tensors and "
+                            f"plain containers, which could run code; refused") from None
+        raise UserError(f"could not read checkpoint {path} (UnpicklingError): is it corrupt?") from None
+    except Exception as e:  # zip errors, truncation, EOF: the file is torn or not a checkpoint
+        raise UserError(f"could not read checkpoint {path} ({type(e).__name__}): is it corrupt?") from None
+
+
+def load_checkpoint(path, kind, keys=None):
+    """Load a checkpoint written by this project (weights_only: no code runs) and check it is of the
+    expected kind (or kinds) and holds `keys` (default: what its kind needs to be loaded, CKPT_KEYS)."""
     if not path:
         raise UserError("no checkpoint given: pass --ckpt=PATH (e.g. out/ddpm/ckpt.pt)")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
-    except Exception as e:  # pickle/zip errors: the file is truncated or not a checkpoint
-        raise UserError(f"could not read checkpoint {path} ({type(e).__name__}): is it corrupt?") from None
+    ckpt = torch_load_trusted(path)
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this project")
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if ckpt["kind"] not in kinds:
         raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, expected {' or '.join(map(repr, kinds))}")
+    missing = [k for k in (CKPT_KEYS.get(ckpt["kind"], ()) if keys is None else keys) if k not in ckpt]
+    if missing or not isinstance(ckpt.get("config", {}), dict):
+        raise UserError(f"{path} is incomplete: it lacks {', '.join(missing) or 'a config'}")
     return ckpt
 
 
@@ -101,9 +193,8 @@ def export_safetensors(state_dict, cfg, path, **meta):
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata={"config": json.dumps(cfg), **{k: json.dumps(v) for k, v in meta.items()}})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"config": json.dumps(cfg), **{k: json.dumps(v) for k, v in meta.items()}})
 
 
 def read_safetensors(path):
@@ -133,8 +224,8 @@ def save_grid(x, path, nrow=8):
     """Save images in [-1, 1] (B, C, H, W) as one PNG grid."""
     from torchvision.utils import save_image
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_image((x.detach().float().cpu().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2)
+    with atomic_path(path) as tmp:
+        save_image((x.detach().float().cpu().clamp(-1, 1) + 1) / 2, tmp, nrow=nrow, padding=2, format="png")
 
 
 def bf16_autocast(cfg, device):
@@ -144,12 +235,18 @@ def bf16_autocast(cfg, device):
     return contextlib.nullcontext()
 
 
-def open_log(out, header, fresh):
-    """<out>/log.csv: started anew (with its header) for a fresh run or when missing, else appended to.
-    Returns (file, whether it was started anew)."""
+def open_log(out, header, fresh, keep_upto=None):
+    """<out>/log.csv: started anew (with its header) for a fresh run or when missing, else appended to,
+    after dropping the rows past step keep_upto (written after the checkpoint a resumed run goes on
+    from). Returns (file, whether it was started anew)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "log.csv")
     fresh = fresh or not os.path.exists(path)
+    if not fresh and keep_upto is not None:
+        with open(path) as f:
+            rows = f.read().splitlines()
+        keep = [r for r in rows[1:] if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= keep_upto]
+        write_text(path, "\n".join(rows[:1] + keep) + "\n")
     log = open(path, "w" if fresh else "a")
     if fresh:
         log.write(header + "\n")
@@ -173,5 +270,6 @@ def plot_lines(series, path, xlabel, ylabel, smooth=20):
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

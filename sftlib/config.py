@@ -147,6 +147,77 @@ EVAL_DEFAULTS = dict(  # keys of `python train_toy.py eval` (sftlib/metrics.py)
 )
 
 
+# --- range checks: a value outside its range is a one-line error before anything is read or written ---
+AT_LEAST_1 = ("ddpm_steps", "ddpm_batch", "ddpm_warmup", "ddpm_ckpt_every", "log_every", "sample_every", "T", "ch",
+              "num_res_blocks", "classifier_width", "classifier_steps", "evaluator_width", "evaluator_steps",
+              "cls_batch", "cls_ckpt_every", "k_segments", "shortcut_steps", "shortcut_batch", "shortcut_ckpt_every",
+              "ft_steps", "ft_batch", "lora_rank", "ft_ckpt_every", "draft_k", "lv_n", "grid_ddpm", "grid_shortcut",
+              "grid_ft", "sample_batch", "fid_ref_n")
+AT_LEAST_0 = ("n_train", "n_test", "seed", "ft_seconds", "ft_eval_every", "cls_weight_decay", "alignprop_min", "fid_n")
+POSITIVE = ("ddpm_lr", "cls_lr", "shortcut_lr", "ft_lr", "ddpm_grad_clip", "shortcut_grad_clip", "ft_grad_clip",
+            "lora_alpha", "ft_reward_scale", "beta_1")  # a clip <= 0 zeroes or reverses the gradient
+IN_0_1 = ("ddpm_ema", "shortcut_ema", "cd_target_ema", "teacher_chain_frac")  # probabilities and EMA rates
+BELOW_1 = ("dropout", "cls_label_smoothing")  # in [0, 1)
+CHOICES = dict(device=("auto", "cuda", "mps", "cpu"), cd_loss=("huber", "l2"), teacher_solver=("ddim", "heun"),
+               method=("shortft", "draft", "draft_lv", "alignprop", "full"))
+MAX_SEED = 2**32 - 1  # numpy's seeds
+
+
+def check(cfg):
+    """Every key of `cfg` that has a range, checked; the first one outside it is a UserError naming it."""
+    def need(ok, key, what):
+        if key in cfg and not ok(cfg[key]):
+            raise UserError(f"--{key} must be {what}, got {cfg[key]!r}")
+
+    for key in AT_LEAST_1:
+        need(lambda v: v >= 1, key, "at least 1")
+    for key in AT_LEAST_0:
+        need(lambda v: v >= 0, key, "at least 0")
+    for key in POSITIVE:
+        need(lambda v: v > 0 and v != float("inf"), key, "a positive finite number")
+    for key in IN_0_1:
+        need(lambda v: 0 <= v <= 1, key, "in [0, 1]")
+    for key in BELOW_1:
+        need(lambda v: 0 <= v < 1, key, "in [0, 1)")
+    for key, allowed in CHOICES.items():
+        need(lambda v: v in allowed, key, "one of " + ", ".join(allowed))
+    need(lambda v: v <= MAX_SEED, "seed", f"at most {MAX_SEED}")
+    need(lambda v: v < 1, "beta_T", "below 1")
+    need(lambda v: v > cfg.get("beta_1", 0), "beta_T", "above --beta_1")
+    need(lambda v: v >= 50, "T", "at least 50 (the DDIM-50 chain)")
+    need(lambda v: v in (0,) or v >= 10, "n_train", "0 (all) or at least 10 (one image per class)")
+    need(lambda v: v in (0,) or v >= 10, "n_test", "0 (all) or at least 10 (one image per class)")
+    need(lambda v: v >= 2, "n_eval", "at least 2 (a Fréchet distance needs a covariance)")
+    need(lambda v: _ints(v) is not None and 1 <= len(_ints(v)) <= 6 and min(_ints(v)) >= 1, "ch_mult",
+         "a comma list of 1 to 6 positive integers (32 px halves at most 5 times)")
+    need(lambda v: _ints(v, empty=True) is not None, "attn_res", "a comma list of resolutions (integers)")
+
+
+def _ints(text, empty=False):
+    """'1,2,4' -> [1, 2, 4]; None when it is not a comma list of integers."""
+    parts = [p for p in str(text).split(",") if p.strip()] if empty else str(text).split(",")
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        return None
+
+
+def check_sample(opts):
+    """`sample`'s keys: counts >= 1, a known sampler, and a sample count that fits in memory."""
+    for key in ("n", "steps", "batch"):
+        if opts[key] < 1:
+            raise UserError(f"--{key} must be at least 1, got {opts[key]}")
+    if not 0 <= opts["eta"] <= 1:
+        raise UserError(f"--eta must be in [0, 1], got {opts['eta']}")
+    if not 0 <= opts["seed"] <= MAX_SEED:
+        raise UserError(f"--seed must be in [0, {MAX_SEED}], got {opts['seed']}")
+    per_image = 3 * 32 * 32 * 4 * 2  # float32 while sampling, plus the uint8 copy and slack
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 2**34
+    if opts["n"] * per_image > avail:
+        raise UserError(f"--n={opts['n']} images need {opts['n'] * per_image / 2**30:.1f} GiB, more than the "
+                        f"{avail / 2**30:.1f} GiB of memory free: sample fewer, in several files")
+
+
 def _convert(key, raw, default):
     """Parse a command-line string to the type of the default, or raise a one-line error."""
     kind = type(default)
@@ -230,4 +301,19 @@ def resolve(args, cuda_available, description=None):
     cfg["preset"] = preset
     if cfg["data_root"] == DEFAULTS["data_root"] and os.environ.get("SHORTFT_CIFAR"):
         cfg["data_root"] = os.environ["SHORTFT_CIFAR"]  # a local copy named by the environment
+    check(cfg)
+    cfg = Config(cfg)
+    cfg.given = set(overrides) - {"preset"}
     return cfg
+
+
+class Config(dict):
+    """The resolved config, a plain dict that also knows which keys were typed on the command line
+    (`given`): on --resume, those are the ones compared with the checkpoint's config (stage.py).
+    A checkpoint stores dict(cfg): a plain dict, which torch.load(weights_only=True) reads back."""
+    given = None  # None: not known (a config built in code), so every key counts as given
+
+    def copy(self):
+        c = Config(self)
+        c.given = self.given
+        return c

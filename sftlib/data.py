@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from sftlib.common import UserError
+from sftlib.common import UserError, atomic_path
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -31,8 +31,12 @@ def _from_folder(split_dir, n):
         files = sorted(os.listdir(os.path.join(split_dir, c)))
         files = files[: n // len(classes)] if n > 0 else files
         for f in files:
-            with Image.open(os.path.join(split_dir, c, f)) as im:
-                images.append(np.asarray(im.convert("RGB").resize((32, 32))))
+            try:
+                with Image.open(os.path.join(split_dir, c, f)) as im:
+                    images.append(np.asarray(im.convert("RGB").resize((32, 32))))
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for a truncated or non-image file
+                raise UserError(f"could not decode {os.path.join(split_dir, c, f)} ({type(e).__name__}): remove "
+                                f"it or pass --data_root=PATH to a clean copy") from None
         labels += [y] * len(files)
     if not images:
         raise UserError(f"no images under {split_dir}: pass --data_root=PATH to a CIFAR-10 folder")
@@ -75,10 +79,8 @@ def load_cifar10(root, split="train", n=0, cache_dir=None):
         raise UserError(f"no CIFAR-10 at --data_root={root!r}: expected {split_dir}/<class>/*.jpg, or a new or "
                         f"empty folder to download it into (leave --data_root unset to download into ./data)")
     if cache:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{cache}.tmp{os.getpid()}.npz"  # per process: concurrent first runs must not share it
-        np.savez(tmp, x=x, y=y)
-        os.replace(tmp, cache)
+        with atomic_path(cache) as tmp:  # a per-process name: concurrent first runs must not share it
+            np.savez(tmp, x=x, y=y)
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y).long()
 
 

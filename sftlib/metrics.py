@@ -28,7 +28,7 @@ import torch
 
 from rewards import build_reward, class_index, parse_reward_spec
 from sftlib import config
-from sftlib.common import UserError, load_checkpoint, pick_device
+from sftlib.common import UserError, atomic_path, load_checkpoint, pick_device
 from sftlib.data import CLASSES, load_cifar10
 from sftlib.nets import load_classifier
 
@@ -101,9 +101,8 @@ def real_stats(out_dir, device):
     stats = dict(mu_test=mu, sigma_test=sigma, feats_train=f_train.astype(np.float32),
                  n_test=np.array(len(x_test)), n_train=np.array(len(f_train)),
                  fd_floor=np.array(frechet_distance(*gaussian_stats(f_train), mu, sigma)))
-    tmp = path[:-4] + ".tmp.npz"
-    np.savez(tmp, **stats)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **stats)
     return stats
 
 
@@ -121,10 +120,12 @@ def load_samples(path):
         raise UserError(f"samples file not found: {path!r} (pass --samples=FILE.npz)")
     try:
         with np.load(path) as f:
+            if not isinstance(f, np.lib.npyio.NpzFile):
+                raise ValueError("not an .npz archive")
             if "images" not in f.files:
                 raise UserError(f"{path} has no 'images' array (it has {', '.join(f.files) or 'nothing'})")
             images = f["images"]
-    except (ValueError, OSError) as e:  # not a zip / npy file
+    except (ValueError, OSError, EOFError, AttributeError, TypeError) as e:  # empty, .npy, not a zip
         raise UserError(f"could not read {path} as .npz ({type(e).__name__})") from None
     check_samples(images)
     return images

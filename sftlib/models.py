@@ -2,7 +2,9 @@
 shortcut (its distilled student) and the fine-tuned base model (base + LoRA)."""
 import ddpm
 from sftlib import lora
-from sftlib.common import UserError, load_checkpoint
+import os
+
+from sftlib.common import UserError, file_sha256, load_checkpoint
 from shortft import FineTuned, merge_for_sampling, segment_groups
 from unet import build_unet
 
@@ -64,6 +66,24 @@ def build_finetuned(cfg, base_path, shortcut_edges, device):
 def load_finetuned(path, device):
     """(eps-predictor with merged weights, schedule) from a shortft checkpoint, for `sample`."""
     ckpt = load_checkpoint(path, "shortft")
-    ft, sched = build_finetuned(ckpt["config"], ckpt["base"], ckpt["edges"], device)
-    ft.unet.load_state_dict(ckpt["unet"])
+    ft, sched = build_finetuned(ckpt["config"], base_of(path, ckpt), ckpt["edges"], device)
+    try:
+        ft.unet.load_state_dict(ckpt["unet"])
+    except RuntimeError:
+        raise UserError(f"{path}: its weights do not match the base model and LoRA its config describes") from None
     return merge_for_sampling(ft), sched
+
+
+def base_of(path, ckpt):
+    """The base DDPM checkpoint a shortft checkpoint was fine-tuned from, found by its SHA-256: the
+    ddpm/ckpt.pt beside the checkpoint's run folder (a moved or copied run), else the absolute path it
+    recorded; never a path relative to where the command runs. Another base is refused."""
+    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "ddpm", "ckpt.pt")
+    found = [p for p in dict.fromkeys((beside, ckpt["base"])) if os.path.isabs(p) and os.path.isfile(p)]
+    for p in found:
+        if file_sha256(p) == ckpt["base_sha256"]:
+            return p
+    if found:
+        raise UserError(f"{path} was fine-tuned from another base model than {' or '.join(found)} (SHA-256 differs): "
+                        f"put its base at {beside}")
+    raise UserError(f"the base model of {path} is missing: expected it at {beside} (or {ckpt['base']})")

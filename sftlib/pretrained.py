@@ -5,8 +5,9 @@ installs them as the complete ddpm, shortcut, classifier and evaluator stages of
 pipeline goes straight to the ShortFT stage: minutes on a laptop CPU instead of half an hour, on a base
 model trained far longer than the CPU preset can."""
 import os
+import shutil
 
-from sftlib.common import UserError, read_safetensors, save_atomic
+from sftlib.common import UserError, atomic_path, read_safetensors, save_atomic
 
 FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
 STAGES = ("ddpm", "shortcut", "classifier", "evaluator")  # <stage>.safetensors, each a checkpoint kind
@@ -58,6 +59,9 @@ def install(cfg, folder=FOLDER):
         else:
             ckpt.update(model=state, arch=meta["arch"], test_acc=meta["test_acc"])
         save_atomic(ckpt, path)
+        if stage in ("ddpm", "shortcut"):  # the stage's export, whose presence marks it complete
+            with atomic_path(os.path.join(cfg["out_dir"], stage, "model.safetensors")) as tmp:
+                shutil.copyfile(ckpt["pretrained"], tmp)
         print(f"[pretrained] {stage}: installed {ckpt['pretrained']} as {path} ({meta['step']} steps"
               + (f", test accuracy {meta['test_acc']:.1%}" if "test_acc" in meta else "") + ")")
     cfg.update(shipped)

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rewards import brightness, parse_reward_spec
-from sftlib.common import UserError
+from sftlib.common import UserError, torch_load_trusted
 
 
 def saturation(x):
@@ -49,7 +49,7 @@ class CLIPReward:
             dim = self.model.config.projection_dim  # 768 for ViT-L/14
             self.head = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
                                       nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
-            state = torch.load(head_path, map_location="cpu")
+            state = torch_load_trusted(head_path)  # weights_only: a pickled object is refused, not run
             self.head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
             self.head.to(device).eval().requires_grad_(False)
 

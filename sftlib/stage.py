@@ -1,8 +1,8 @@
 """What every training stage shares around its loop: resume-or-skip, atomic checkpoints on a cadence,
 a progress bar and a CSV log. The loop itself stays written out in the stage's own train_<stage>.py:
 
-    stage = Stage(cfg, "ddpm", kind="ddpm", steps=cfg["ddpm_steps"], columns=("loss",))
-    ckpt = stage.resume_or_skip(complete=lambda c: c["step"] >= cfg["ddpm_steps"])
+    stage = Stage(cfg, "ddpm", kind="ddpm", steps="ddpm_steps", columns=("loss",))
+    ckpt = stage.resume_or_skip(complete=lambda c: c["step"] >= cfg["ddpm_steps"])  # cfg: the checkpoint's now
     if stage.skipped:
         return stage.ckpt_path
     ...                                   # build the model, load ckpt's weights when resuming
@@ -14,6 +14,7 @@ a progress bar and a CSV log. The loop itself stays written out in the stage's o
             stage.save(step=step, model=...)
     stage.close()
 """
+import fcntl
 import math
 import os
 import sys
@@ -23,7 +24,57 @@ import torch
 from tqdm import tqdm
 
 from sftlib import config
-from sftlib.common import UserError, load_checkpoint, open_log, pick_device, rng_state, run_main, save_atomic
+from sftlib.common import (CKPT_KEYS, UserError, load_checkpoint, open_log, pick_device, remove_stale_temps, rng_state,
+                           run_main, save_atomic)
+
+# What --resume means: the run goes on with the config stored in its checkpoint. A key typed on the
+# command line that differs from it is an error, except these, which may change on resume: the
+# budgets, the learning rates (to go on after a NaN with a lower one) and the run's plumbing.
+RESUME_MAY_CHANGE = ("ddpm_steps", "shortcut_steps", "classifier_steps", "evaluator_steps", "ft_steps", "ft_seconds",
+                     "ddpm_lr", "shortcut_lr", "cls_lr", "ft_lr", "log_every", "sample_every", "ddpm_ckpt_every",
+                     "shortcut_ckpt_every", "cls_ckpt_every", "ft_ckpt_every", "ft_eval_every", "bf16", "compile",
+                     "resume", "device", "stages", "preset", "out_dir", "data_root", "grid_ddpm", "grid_shortcut",
+                     "grid_ft", "sample_batch", "fid_n", "fid_ref_n", "pretrained")
+# ... and these always come from the current command, never from the checkpoint: a copied or moved
+# run reads and writes where it is now
+RESUME_FROM_COMMAND = ("out_dir", "data_root", "device", "resume", "stages")
+# what a checkpoint must hold to be resumed, beyond what loading its model needs (common.CKPT_KEYS)
+RESUME_KEYS = {"ddpm": ("opt", "step", "rng", "elapsed"), "shortcut": ("opt", "step", "rng", "elapsed", "target"),
+               "classifier": ("opt", "step", "rng", "elapsed", "test_acc"),
+               "evaluator": ("opt", "step", "rng", "elapsed", "test_acc"),
+               "shortft": ("opt", "step", "rng", "done", "train_s", "before", "history", "curve")}
+_LOCKS = {}  # (device, inode) of a lock file -> this process's open lock file (held until the process ends)
+
+
+def lock_folder(folder):
+    """An exclusive lock on <folder>/lock (flock: released by the OS when the process ends, even by
+    kill -9), so a second run on the same stage folder stops with one line instead of mixing files."""
+    folder = os.path.abspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, "lock"), "a")
+    key = (os.fstat(f.fileno()).st_dev, os.fstat(f.fileno()).st_ino)  # the file, even if its folder moved
+    if key in _LOCKS:  # this process holds it already
+        f.close()
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"another run is using {folder} (it holds {folder}/lock): wait for it to end, "
+                        f"or choose another --out_dir") from None
+    _LOCKS[key] = f
+
+
+def first_nonfinite(obj, name=""):
+    """The name of the first floating tensor in obj (nested dicts, lists, tuples) with a NaN or an inf."""
+    if torch.is_tensor(obj):
+        return name if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = first_nonfinite(v, f"{name}.{k}" if name else str(k))
+        if bad is not None:
+            return bad
+    return None
 
 
 class Stage:
@@ -31,11 +82,17 @@ class Stage:
     log.csv with the columns step, *columns, img_per_s (no log when columns is None)."""
 
     def __init__(self, cfg, name, kind, steps, columns=None):
-        self.cfg, self.name, self.kind, self.steps, self.columns = cfg, name, kind, steps, columns
+        """steps: the config key of the stage's budget (read after resume_or_skip), or a number."""
+        self.cfg, self.name, self.kind, self._steps, self.columns = cfg, name, kind, steps, columns
         self.out = os.path.join(cfg["out_dir"], name)
         self.ckpt_path = os.path.join(self.out, "ckpt.pt")
         self.skipped = False
         self.bar = self.log = None
+        self.lr_key = "lr"
+
+    @property
+    def steps(self):
+        return self.cfg[self._steps] if isinstance(self._steps, str) else self._steps
 
     def say(self, msg):
         """A line of the stage's own, printed above the progress bar when there is one."""
@@ -45,25 +102,59 @@ class Stage:
         """The checkpoint to resume, or None for a fresh run. A checkpoint for which complete(ckpt) holds
         sets self.skipped; an unfinished one is resumed only with --resume, else it is an error (a run
         is never silently overwritten)."""
+        if os.path.isdir(self.out):
+            lock_folder(self.out)
         if not os.path.exists(self.ckpt_path):
             return None
-        ckpt = load_checkpoint(self.ckpt_path, self.kind)
+        ckpt = load_checkpoint(self.ckpt_path, self.kind, CKPT_KEYS[self.kind] + RESUME_KEYS[self.kind])
+        conflicts, changed = self.adopt(ckpt["config"])  # from here on, self.cfg is the checkpoint's config
         if complete(ckpt):
             self.say(f"{self.ckpt_path} is complete ({ckpt['step']} steps): skipping the stage")
             self.skipped = True
         elif not self.cfg["resume"]:
             raise UserError(f"{self.ckpt_path} holds an unfinished run (step {ckpt['step']}): "
                             f"pass --resume to continue it, or choose another --out_dir")
+        elif conflicts:
+            k, typed = conflicts[0]
+            raise UserError(f"--resume goes on with the config of {self.ckpt_path}, where {k}={ckpt['config'][k]!r}, "
+                            f"but the command line says --{k}={typed!r}: drop --" + " --".join(k for k, _ in conflicts)
+                            + " (on resume only the budgets, learning rates and cadences may change) "
+                            f"or start a new run in another --out_dir")
         else:
-            self.say(f"resuming {self.ckpt_path} from step {ckpt['step']}")
+            self.say(f"resuming {self.ckpt_path} from step {ckpt['step']} with its config"
+                     + "".join(f"; {k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+            self.say("config: " + " ".join(f"{k}={v}" for k, v in self.cfg.items()))
         return ckpt
+
+    def adopt(self, saved):
+        """Take the checkpoint's config `saved` into self.cfg, except the keys that come from the command
+        (RESUME_FROM_COMMAND) and the typed keys that may change (RESUME_MAY_CHANGE). Returns the typed
+        keys that differ from `saved` and may not change [(key, typed value)], and {key: (saved, now)} of those
+        that do change. A config without `given` (built in code) counts every key as typed."""
+        given = getattr(self.cfg, "given", None)
+        given = set(self.cfg) if given is None else given
+        conflicts, changed = [], {}
+        for k, v in saved.items():
+            if k not in self.cfg or v == self.cfg[k] or k in RESUME_FROM_COMMAND:
+                continue
+            if k in given and k in RESUME_MAY_CHANGE:
+                changed[k] = (v, self.cfg[k])
+            elif k in given:
+                conflicts.append((k, self.cfg[k]))
+                self.cfg[k] = v
+            else:
+                self.cfg[k] = v
+        return sorted(conflicts), changed
 
     def start(self, step, total=None):
         """Open the progress bar (at `step` of `total`, default self.steps; None: no end known) and
         log.csv (anew for a fresh run, else appended to). Returns whether the log was started anew."""
         fresh = False
-        if self.columns is not None:
-            self.log, fresh = open_log(self.out, ",".join(("step", *self.columns, "img_per_s")), fresh=step == 0)
+        lock_folder(self.out)
+        remove_stale_temps(self.out)  # left by a run killed mid-write
+        if self.columns is not None:  # a resumed log drops the rows after the checkpoint's step
+            self.log, fresh = open_log(self.out, ",".join(("step", *self.columns, "img_per_s")), fresh=step == 0,
+                                       keep_upto=step)
         self.bar = tqdm(file=sys.stdout, total=self.steps if total is None else total, initial=step,
                         desc=self.name, dynamic_ncols=True, mininterval=1.0)
         self._reset()
@@ -76,6 +167,7 @@ class Stage:
         """Training step `step` done on n_images: a NaN or infinite loss stops the run (check_finite);
         advance the bar, add `values` to the running means, and every log_every steps (None: never) write
         them to log.csv."""
+        self.lr_key = lr_key
         if "loss" in values:
             self.check_finite(values["loss"], step, lr_key)
         self._add(n_images, **values)
@@ -109,7 +201,12 @@ class Stage:
         self._reset()
 
     def save(self, **state):
-        """The checkpoint, atomically: the given state plus kind, the resolved config and the RNG states."""
+        """The checkpoint, atomically: the given state plus kind, the resolved config and the RNG states.
+        Weights (or optimizer state) with a NaN or inf are not saved: the last good checkpoint stays."""
+        bad = first_nonfinite(state)
+        if bad is not None:
+            raise UserError(f"[{self.name}] {bad} became NaN or infinite at step {state.get('step')}: not saved; the "
+                            f"last good checkpoint is kept at {self.ckpt_path}: lower --{self.lr_key} and --resume")
         save_atomic(dict(kind=self.kind, config=dict(self.cfg), rng=rng_state(), **state), self.ckpt_path)
 
     def close(self):

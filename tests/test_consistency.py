@@ -200,7 +200,7 @@ def fake_teacher(out_dir, kind="ddpm", **changes):
     """A DDPM checkpoint with random weights of the tiny UNet (the shortcut stage only needs a teacher)."""
     cfg = config.resolve(TINY, False)
     model = build_unet(dict(cfg, **changes))
-    save_atomic(dict(kind=kind, model=model.state_dict(), ema=model.state_dict(), step=1, config=cfg),
+    save_atomic(dict(kind=kind, model=model.state_dict(), ema=model.state_dict(), step=1, config=dict(cfg)),
                 os.path.join(out_dir, "ddpm", "ckpt.pt"))
     return cfg
 

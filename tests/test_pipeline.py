@@ -46,13 +46,21 @@ def test_sample_from_finetuned_checkpoint(pipeline, tmp_path):
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(pipeline, tmp_path, cifar_root):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(pipeline, tmp_path, cifar_root, monkeypatch):
+    import torch
+
+    import train_shortft
+    from sftlib import config
+    from sftlib.common import UserError
+
     out, _ = pipeline
     for stage in ("ddpm", "shortcut", "classifier", "evaluator"):
         shutil.copytree(out / stage, tmp_path / stage)
-    p = run_cli(f"--out_dir={tmp_path}", f"--data_root={cifar_root}", *TINY, *SMALL, "--stages=shortft",
-                "--ft_reward_scale=nan", check=False)
-    assert "loss nan" in one_line_error(p)
+    args = [f"--out_dir={tmp_path}", f"--data_root={cifar_root}", *TINY, *SMALL, "--stages=shortft"]
+    assert "--ft_reward_scale" in one_line_error(run_cli(*args, "--ft_reward_scale=nan", check=False))  # refused
+    monkeypatch.setattr(train_shortft, "reward_loss", lambda r: r.mean() * float("nan"))  # a NaN loss, injected
+    with pytest.raises(UserError, match="loss nan"):
+        train_shortft.train(config.resolve(args, False), torch.device("cpu"))
     assert not (tmp_path / "shortft" / "ckpt.pt").exists()  # no checkpoint of a broken model
 
 

@@ -348,7 +348,7 @@ def test_in_run_evaluation_scores_fid_n_samples(monkeypatch):
     model = lambda x, t: 0.1 * x  # noqa: E731  (B, 3, 32, 32) -> eps
     sched = ddpm.Schedule()
     x_T = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    cfg = {"reward": "classifier:ship", "out_dir": "out", "fid_ref_n": 123}
+    cfg = {"reward": "classifier:ship", "out_dir": "out", "fid_ref_n": 123, "sample_batch": 256}
     m, x0 = train_shortft.evaluate(model, sched, x_T, cfg, "cpu")
     assert seen == [] and m == {"fd": 1.0, "n": 4}
     for fid_n in (3, 6):

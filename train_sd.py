@@ -174,13 +174,10 @@ def render(pipe, ft, sched, prompts, x_T, steps=N_CHAIN):
 
 def train(cfg):
     """The SD counterparts of the toy stages: load the base and its shortcut, set up the reward, fine-tune."""
-    stage = Stage(cfg, "sd15", kind="sd_shortft", steps=cfg["ft_steps"], columns=COLUMNS)
-    ckpt = stage.resume_or_skip(complete=lambda c: c["done"])
+    stage = Stage(cfg, "sd15", kind="sd_shortft", steps="ft_steps", columns=COLUMNS)
+    ckpt = stage.resume_or_skip(complete=lambda c: c["done"])  # on resume, cfg is now the checkpoint's config
     if stage.skipped:
         return stage.ckpt_path
-    if ckpt is not None:  # the run goes on as it was started; only where it runs may change
-        cfg.update({k: v for k, v in ckpt["config"].items() if k not in ("resume", "device")})
-        stage.steps = cfg["ft_steps"]
     device, rank, world, bf16 = setup(cfg)
     main = rank == 0
     prompts = load_prompts(cfg["prompts"])

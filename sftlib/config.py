@@ -159,7 +159,7 @@ POSITIVE = ("ddpm_lr", "cls_lr", "shortcut_lr", "ft_lr", "ddpm_grad_clip", "shor
 IN_0_1 = ("ddpm_ema", "shortcut_ema", "cd_target_ema", "teacher_chain_frac")  # probabilities and EMA rates
 BELOW_1 = ("dropout", "cls_label_smoothing")  # in [0, 1)
 CHOICES = dict(device=("auto", "cuda", "mps", "cpu"), cd_loss=("huber", "l2"), teacher_solver=("ddim", "heun"),
-               method=("shortft", "draft", "draft_lv", "alignprop", "full"))
+               method=("shortft", "shortft_naive", "draft", "draft_lv", "alignprop", "drtune", "full"))
 MAX_SEED = 2**32 - 1  # numpy's seeds
 
 

@@ -106,7 +106,9 @@ class Stage:
             lock_folder(self.out)
         if not os.path.exists(self.ckpt_path):
             return None
-        ckpt = load_checkpoint(self.ckpt_path, self.kind, CKPT_KEYS[self.kind] + RESUME_KEYS[self.kind])
+        # what loading needs; what resuming needs on top is checked below, only when resuming (a complete
+        # stage, e.g. an installed --pretrained one, carries no optimiser state)
+        ckpt = load_checkpoint(self.ckpt_path, self.kind, CKPT_KEYS.get(self.kind, ("config",)) + ("step",))
         conflicts, changed = self.adopt(ckpt["config"])  # from here on, self.cfg is the checkpoint's config
         if complete(ckpt):
             self.say(f"{self.ckpt_path} is complete ({ckpt['step']} steps): skipping the stage")
@@ -120,6 +122,9 @@ class Stage:
                             f"but the command line says --{k}={typed!r}: drop --" + " --".join(k for k, _ in conflicts)
                             + " (on resume only the budgets, learning rates and cadences may change) "
                             f"or start a new run in another --out_dir")
+        elif any(k not in ckpt for k in RESUME_KEYS.get(self.kind, ())):
+            raise UserError(f"{self.ckpt_path} cannot be resumed: it lacks "
+                            + ", ".join(k for k in RESUME_KEYS.get(self.kind, ()) if k not in ckpt))
         else:
             self.say(f"resuming {self.ckpt_path} from step {ckpt['step']} with its config"
                      + "".join(f"; {k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))

@@ -362,7 +362,7 @@ def test_naive_shortcut_jump_is_one_base_ddim_step(tmp_path):
 
     base = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_res=(16,), dropout=0.0).eval()
     cfg = {**DEFAULTS, "ch": 8, "ch_mult": "1,2", "num_res_blocks": 1, "attn_res": "16"}
-    torch.save({"kind": "ddpm", "config": cfg, "ema": base.state_dict()}, tmp_path / "ckpt.pt")
+    torch.save({"kind": "ddpm", "config": cfg, "ema": base.state_dict(), "model": base.state_dict()}, tmp_path / "ckpt.pt")
     naive = load_naive_shortcut(str(tmp_path / "ckpt.pt"), "cpu")
     assert not any(p.requires_grad for p in naive.parameters())
     unet = copy.deepcopy(base)
@@ -401,3 +401,11 @@ def test_baselines_bad_input():
                 lambda: drtune_chain(unet, sched, x_T, steps, K=0), lambda: drtune_chain(unet, sched, x_T, steps, K=11)):
         with pytest.raises(UserError):
             bad()
+
+
+def test_config_methods_are_the_stage_methods():
+    """The config's range check and the stage name the same methods (two lists that must not drift)."""
+    import train_shortft
+    from sftlib import config
+
+    assert set(config.CHOICES["method"]) == set(train_shortft.METHODS)

@@ -34,7 +34,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from sftlib import config  # noqa: E402
-from sftlib.common import UserError, pick_device, run_main  # noqa: E402
+from sftlib.common import UserError, bf16_autocast, pick_device, run_main  # noqa: E402
 
 DEFAULTS = dict(
     device="auto",
@@ -116,12 +116,6 @@ def time_steps(step, device, warmup=2, min_iters=3, max_iters=50, max_s=3.0):
     return (time.time() - t0) / n, peak_mib(device), warm_s
 
 
-def autocast_ctx(device, bf16):
-    import contextlib
-
-    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else contextlib.nullcontext()
-
-
 # --- section 1: every toy stage's step with the GPU preset ----------------------------------------
 
 def stage_steps(cfg, device, data, mode):
@@ -149,7 +143,7 @@ def stage_steps(cfg, device, data, mode):
 
     def ddpm_step():
         x0, _ = data.sample(cfg["ddpm_batch"])
-        with autocast_ctx(device, bf16):
+        with bf16_autocast({"bf16": bf16}, device):
             loss = ddpm.eps_loss(net, sched, x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -172,7 +166,7 @@ def stage_steps(cfg, device, data, mode):
 
     def shortcut_step():
         x0, _ = data.sample(cfg["shortcut_batch"] - m)
-        with autocast_ctx(device, bf16):
+        with bf16_autocast({"bf16": bf16}, device):
             loss = cd_loss(s_net, target, teacher, sched, x0, edges, cfg["cd_loss"], cfg["teacher_solver"], chains)
         s_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -193,7 +187,7 @@ def stage_steps(cfg, device, data, mode):
         def cls_step(cnet=cnet, c_opt=c_opt):
             x0, labels = data.sample(cfg["cls_batch"])
             x0 = random_crop(x0)
-            with autocast_ctx(device, bf16):
+            with bf16_autocast({"bf16": bf16}, device):
                 logits = cnet(x0)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=0.2)
             c_opt.zero_grad(set_to_none=True)
@@ -220,7 +214,7 @@ def stage_steps(cfg, device, data, mode):
     def shortft_step():
         set_stage(ft, 0)
         x_T = torch.randn(cfg["ft_batch"], 3, 32, 32, device=device)
-        with autocast_ctx(device, bf16):
+        with bf16_autocast({"bf16": bf16}, device):
             x0 = shortft_chain(ft, frozen_shortcut, sched, x_T, groups, 0)
             r = reward(x0)
         loss = -r.float().mean()
@@ -237,7 +231,7 @@ def stage_steps(cfg, device, data, mode):
     @torch.no_grad()
     def sample_step():  # DDIM-50 of the EMA UNet: the stages' grids and evaluations (fp32 there)
         x_T = torch.randn(n_s, 3, 32, 32, device=device)
-        with autocast_ctx(device, bf16):
+        with bf16_autocast({"bf16": bf16}, device):
             ddpm.ddim_sample(ema, sched, x_T, ddpm.ddim_timesteps(sched.T, 50))
 
     fns["ddim50_sampling"] = (sample_step, n_s)
@@ -302,16 +296,10 @@ def predict_pipeline(cfg, rows):
     measured step rates: steps / (steps/s) per stage, plus the DDIM-50 grids and evaluations at the
     measured fp32 sampling img/s (the stages sample in fp32). Data decoding, checkpoint writes and
     process start are left out (seconds)."""
-    def rate(stage, mode):
-        for r in rows:
-            if r["stage"] == stage and r["mode"] == mode and "steps_per_s" in r:
-                return r["steps_per_s"]
-        return None
-
     out = {}
     for mode in ("fp32", "bf16", "bf16+compile"):
         def best(stage):
-            return rate(stage, mode) or rate(stage, "bf16") or rate(stage, "fp32")
+            return rate_of(rows, stage, mode) or rate_of(rows, stage, "bf16") or rate_of(rows, stage, "fp32")
 
         need = [best(s) for s in ("ddpm", "shortcut", "classifier", "evaluator", "shortft", "ddim50_sampling")]
         if None in need:
@@ -364,7 +352,7 @@ def section_methods(opts, cfg, device):
 
             def step():
                 x_T = torch.randn(B, 3, 32, 32, device=device)
-                with autocast_ctx(device, bf16):
+                with bf16_autocast({"bf16": bf16}, device):
                     if method == "shortft":
                         set_stage(ft, 0)
                         x0 = shortft_chain(ft, shortcut, sched, x_T, groups, 0)

@@ -30,6 +30,7 @@ from rewards import build_reward, class_index, parse_reward_spec
 from sftlib import config
 from sftlib.common import UserError, atomic_path, load_checkpoint, pick_device
 from sftlib.data import CLASSES, load_cifar10
+from sftlib.fid import frechet_distance, gaussian_stats  # the Fréchet distance of any features (FID's formula)
 from sftlib.nets import load_classifier
 
 FD_NAME = "evaluator-feature Fréchet distance (not comparable to published FID)"
@@ -37,29 +38,6 @@ N_FLOOR = 10000  # real training images in the floor (the test split has 10k too
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FID_STATS = os.path.join(ROOT, "checkpoints", "fid_cifar10_test.npz")  # the test split's Inception statistics
 S_PER_IMAGE = {"cpu": 0.5, "cuda": 0.001}  # the Inception network's cost, roughly (2 CPU cores; one H200)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), the FID formula of Heusel et al.
-    2017 (closed form of Dowson & Landau 1982): ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^{1/2}).
-
-    Numerically careful (*choice*): Tr (sigma1 sigma2)^{1/2} = Tr (s1 sigma2 s1)^{1/2} with
-    s1 = sigma1^{1/2}, since both matrices have the same eigenvalues; the right-hand one is symmetric
-    PSD, so two eigh calls in float64 give it, with no complex round-off to clean up as with sqrtm.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    w, V = np.linalg.eigh((sigma1 + sigma1.T) / 2)  # (D,), (D, D)
-    s1 = (V * np.sqrt(np.clip(w, 0, None))) @ V.T  # (D, D) sigma1^{1/2}
-    M = s1 @ sigma2 @ s1  # (D, D) symmetric PSD
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((M + M.T) / 2), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
-
-
-def gaussian_stats(feats):
-    """Features (N, D) -> (mean (D,), covariance (D, D)) in float64."""
-    feats = np.asarray(feats, np.float64)
-    return feats.mean(0), np.cov(feats, rowvar=False)
 
 
 @torch.no_grad()  # evaluation only: no graph to keep

@@ -12,6 +12,11 @@ Conventions, stated once here and pinned by tests/test_ddpm.py:
   from it, as Ho et al.'s reference sampler (clip_denoised) and diffusers (clip_sample) do. A small,
   briefly trained model's eps error at large t is amplified by 1/sqrt(abar_t) (~140 at t = 981) in
   x0_hat; without the clip its deterministic DDIM samples drift far outside [-1, 1].
+  The clip shapes the gradient too: a clipped pixel of x0_hat passes no gradient to eps (so none to
+  the LoRA), and early in the chain most pixels are clipped (benchmarks/bench_gradients.py measures
+  how many). clip_x0="straight_through" (*choice* for the fine-tuning chains, `--ft_clip_grad`) keeps
+  the clipped values but passes the gradient as if unclipped (the straight-through estimator of
+  Bengio et al. 2013): its samples are the hard clip's. Stable Diffusion's sampler has no clip.
 """
 import torch
 
@@ -50,14 +55,24 @@ def q_sample(sched, x0, t, eps):
     return abar_t.sqrt() * x0 + (1 - abar_t).sqrt() * eps  # (B, C, H, W)
 
 
-def eps_loss(model, sched, x0):
+def eps_loss(model, sched, x0, min_snr=0.0):
     """The simplified training objective (Ho et al. 2020, Algorithm 1 / Eq. 14):
-    E_{t, eps} || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2."""
+    E_{t, eps} || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2.
+
+    min_snr > 0 (*choice*, `--ddpm_min_snr`): Min-SNR-gamma weighting (Hang et al. 2023, Eq. 8 for the
+    eps-prediction loss): each sample's squared error is weighted by min(SNR_t, gamma) / SNR_t with
+    SNR_t = abar_t / (1 - abar_t), which down-weights the nearly clean, low-noise steps whose eps is
+    hard to predict and matters little for the image. 0: every t weighted 1 (Ho et al.)."""
     B = x0.shape[0]
     t = torch.randint(0, sched.T, (B,), device=x0.device)  # (B,) t ~ Uniform({0..T-1})
     eps = torch.randn_like(x0)  # (B, C, H, W)
     x_t = q_sample(sched, x0, t, eps)
-    return (eps - model(x_t, t)).pow(2).mean()
+    err = (eps - model(x_t, t)).pow(2).mean(dim=(1, 2, 3))  # (B,) per-sample squared error
+    if min_snr > 0:
+        abar_t = sched.abar(t)  # (B,)
+        snr = abar_t / (1 - abar_t)  # (B,) signal-to-noise ratio of x_t
+        err = err * snr.clamp(max=min_snr) / snr  # min(SNR, gamma) / SNR
+    return err.mean()
 
 
 def predict_x0(sched, x_t, t, eps):
@@ -65,6 +80,14 @@ def predict_x0(sched, x_t, t, eps):
     x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
     abar_t = _bcast(sched.abar(t), x_t)
     return (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+
+
+def clip(x0_hat, mode=True):
+    """x0_hat clipped to [-1, 1]. mode "straight_through": the same values, but the backward pass is the
+    identity (x + sg(clamp(x) - x)), so clipped pixels still pass gradient; True (hard): the clamp's own
+    gradient, zero where clipped."""
+    clipped = x0_hat.clamp(-1, 1)
+    return x0_hat + (clipped - x0_hat).detach() if mode == "straight_through" else clipped
 
 
 def ddim_step(sched, x_t, eps, t, s, eta=0.0, noise=None):
@@ -76,7 +99,7 @@ def ddim_step(sched, x_t, eps, t, s, eta=0.0, noise=None):
     abar_t, abar_s = _bcast(sched.abar(t), x_t), _bcast(sched.abar(s), x_t)  # (B, 1, 1, 1)
     x0_hat = predict_x0(sched, x_t, t, eps)  # (B, C, H, W)
     if sched.clip_x0:  # see the module docstring: x0_hat into [-1, 1], eps consistent with it
-        x0_hat = x0_hat.clamp(-1, 1)
+        x0_hat = clip(x0_hat, sched.clip_x0)
         eps = (x_t - abar_t.sqrt() * x0_hat) / (1 - abar_t).sqrt()
     sigma = eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).clamp(min=0).sqrt()
     x_s = abar_s.sqrt() * x0_hat + (1 - abar_s - sigma**2).clamp(min=0).sqrt() * eps
@@ -92,7 +115,7 @@ def ddpm_step(sched, x_t, eps, t, noise=None):
     alpha_t, beta_t = sched.alpha[t], sched.beta[t]
     abar_t, abar_prev = sched.abar(t), sched.abar(t - 1)
     if sched.clip_x0:  # the same x0-clipping as in ddim_step: the posterior mean of the clipped x0_hat
-        x0_hat = predict_x0(sched, x_t, t, eps).clamp(-1, 1)
+        x0_hat = clip(predict_x0(sched, x_t, t, eps), sched.clip_x0)
         eps = (x_t - abar_t.sqrt() * x0_hat) / (1 - abar_t).sqrt()
     mean = (x_t - beta_t / (1 - abar_t).sqrt() * eps) / alpha_t.sqrt()
     if t == 0:

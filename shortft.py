@@ -73,6 +73,19 @@ def set_stage(ft, stage):
                 p.requires_grad_(j >= stage)
 
 
+def ptrain_stage(k, done, t1_stage=False):
+    """P-Training's stage (0-based) once the fraction `done` of the fine-tuning budget is used.
+
+    *Choices*: the budget is split into equal parts (equal optimizer steps with --ft_steps; with
+    --ft_seconds equal seconds, so the later stages, whose steps run more real steps, get fewer steps).
+    The last stage (k - 1) is skipped unless t1_stage: there only LoRA k trains, and only its call at
+    t = 1 carries gradient, where x_0 = (x_1 - sqrt(1 - abar_1) eps) / sqrt(abar_1) moves by about
+    0.01 of eps's change (sqrt(1 - abar_1) ~ 0.014 for the linear schedule): a stage that cannot change
+    the image. LoRA k still trains in every other stage, since it is on at t = 1 in every chain."""
+    n = k if t1_stage or k == 1 else k - 1
+    return min(n - 1, int(done * n))
+
+
 def base_step(model, sched, x, t, s):
     """One DDIM step of the (fine-tuned) base model from t to s (Song et al. 2021, Eq. 12, eta = 0)."""
     t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)

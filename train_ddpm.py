@@ -8,6 +8,7 @@ model from fixed noise) and <out_dir>/ddpm/log.csv (step, loss, img/s).
     python train_ddpm.py --ddpm_steps=2000      # this stage alone (= python train_toy.py --stages=ddpm)
 """
 import copy
+import math
 import os
 import time
 
@@ -26,6 +27,17 @@ def sample_grid(model, sched, x_T, real, path, batch):
     x0 = torch.cat([ddpm.ddim_sample(model, sched, x_T[i:i + batch], ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN))
                     for i in range(0, len(x_T), batch)])  # (B, 3, 32, 32)
     save_grid(torch.cat([real, x0]), path)
+
+
+def lr_at(cfg, step):
+    """The learning rate of step `step` (0-based): linear warmup over ddpm_warmup steps (Ho et al. 2020
+    use 5000 at full scale), then constant, or with ddpm_lr_schedule=cosine a half cosine from ddpm_lr
+    down to 0 at ddpm_steps (Loshchilov & Hutter 2017; the last weights are the ones sampled)."""
+    lr = cfg["ddpm_lr"] * min(1.0, (step + 1) / cfg["ddpm_warmup"])
+    if cfg.get("ddpm_lr_schedule", "constant") == "cosine" and step >= cfg["ddpm_warmup"]:
+        done = (step - cfg["ddpm_warmup"]) / max(1, cfg["ddpm_steps"] - cfg["ddpm_warmup"])  # in [0, 1)
+        lr = cfg["ddpm_lr"] * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+    return lr
 
 
 def train(cfg, device):
@@ -63,11 +75,11 @@ def train(cfg, device):
     stage.start(step)
     while step < steps:
         t0 = time.time()
-        for group in opt.param_groups:  # linear warmup (Ho et al. 2020 use 5000 steps at full scale)
-            group["lr"] = cfg["ddpm_lr"] * min(1.0, (step + 1) / cfg["ddpm_warmup"])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
         x0, _ = data.sample(cfg["ddpm_batch"])  # (B, 3, 32, 32) in [-1, 1]
         with autocast:
-            loss = ddpm.eps_loss(net, sched, x0)
+            loss = ddpm.eps_loss(net, sched, x0, cfg.get("ddpm_min_snr", 0.0))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["ddpm_grad_clip"])

@@ -37,7 +37,7 @@ from ddpm import N_CHAIN  # fine-tune through DDIM-50, sample with DDIM-50
 from sftlib import config, sd, sd_rewards
 from sftlib.common import UserError, pick_device, run_main, save_grid, seed_all
 from sftlib.stage import Stage
-from shortft import segment_groups, shortft_chain
+from shortft import ptrain_stage, segment_groups, shortft_chain
 
 DEFAULTS = dict(  # the paper's run on one GPU; the keys the toy pipeline also has keep its names and meaning
     # --- run ---
@@ -76,6 +76,7 @@ DEFAULTS = dict(  # the paper's run on one GPU; the keys the toy pipeline also h
     lora_targets=sd.LORA_TARGETS,  # attention and feed-forward layers
     tlora=True,  # one LoRA per segment, stacked (PAPER.md Sec. 3)
     progressive=True,  # P-Training: k stages, the real chain grows by a segment each stage
+    ptrain_t1_stage=False,  # also run P-Training's last stage (only LoRA k, at t = 1: shortft.ptrain_stage says why not)
     n_eval=4,  # the validation grid: DDIM-50 samples of the first n_eval prompts, from fixed noise
 )
 SAMPLE_DEFAULTS = dict(sd_path=DEFAULTS["sd_path"], lora_dir="out/sd15/lora", prompts="", n=1, guidance=7.5,
@@ -224,7 +225,7 @@ def train(cfg):
     while step < cfg["ft_steps"]:
         t0 = time.time()
         # P-Training: k equal stages; in stage i LoRAs i..k-1 train and segments 0..i run the real chain
-        p_stage = min(k - 1, step * k // cfg["ft_steps"]) if cfg["progressive"] and ft.tlora else 0
+        p_stage = ptrain_stage(k, step / cfg["ft_steps"], cfg["ptrain_t1_stage"]) if cfg["progressive"] and ft.tlora else 0
         sd.set_stage(ft, p_stage)
         batch, x_T = draw(cfg, prompts, rank, step, h, device)  # x_T: (B, 4, H/8, W/8) latent noise
         ft.set_prompts(*sd.encode(pipe, batch))

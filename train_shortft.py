@@ -27,6 +27,7 @@ import torch
 import ddpm
 from ddpm import N_CHAIN  # fine-tune through DDIM-50; evaluate on DDIM-50 of the fine-tuned base model
 from rewards import build_reward, parse_reward_spec, reward_loss
+from shortft import ptrain_stage as shortft_ptrain_stage
 from shortft import (alignprop_chain, draft_chain, draft_lv_chain, drtune_chain, full_chain, merge_for_sampling,
                      set_stage, shortft_chain)
 from sftlib import lora
@@ -94,6 +95,26 @@ def check_method(cfg):
     parse_reward_spec(cfg["reward"])  # a typo in --reward fails here, before any checkpoint is read
 
 
+def ptrain_stage(cfg, k, done):
+    """P-Training's stage (shortft.ptrain_stage) at `done`, the fraction of the budget used; 0 without it."""
+    if not cfg["progressive"] or cfg["method"] not in ("shortft", "shortft_naive"):
+        return 0
+    return shortft_ptrain_stage(k, done, cfg.get("ptrain_t1_stage", False))
+
+
+@torch.no_grad()  # a measurement, no training
+def chain_gap(cfg, ft, student, sched, x_T, x0_real, stage):
+    """What P-Training exists to shrink: the mean squared distance between the training chain's x_0
+    (ShortFT's short chain at `stage`, the fine-tuned base inside it) and the fine-tuned base model's
+    real DDIM-50 x_0 from the same noise x_T. NaN for the long-chain baselines (their chain is the real one)."""
+    if cfg["method"] not in ("shortft", "shortft_naive"):
+        return float("nan")
+    return float((shortft_chain(ft, student, sched, x_T, ft.groups, stage) - x0_real).pow(2).mean())
+
+
+N_GAP = 16  # samples behind chain_gap
+
+
 def peak_memory_mib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -142,6 +163,8 @@ def train(cfg, device):
         student = load_naive_shortcut(base_path, device)
     reward = build_reward(cfg["reward"], cfg["out_dir"], device)
     ft, sched = build_finetuned(cfg, base_path, edges, device)
+    if sched.clip_x0 and cfg.get("ft_clip_grad", "hard") == "straight_through":
+        sched.clip_x0 = "straight_through"  # the same chain values; clipped pixels pass gradient (ddpm.clip)
     k = len(ft.groups)
     params = [p for p in ft.unet.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg["ft_lr"])
@@ -155,6 +178,8 @@ def train(cfg, device):
         step, history, before, train_s, curve = ckpt["step"], ckpt["history"], ckpt["before"], ckpt["train_s"], ckpt["curve"]
     else:
         before = base_scores(ft, sched, x_eval, cfg, base_path, device)
+        before["chain_gap"] = chain_gap(cfg, ft, student, sched, x_eval[:N_GAP],
+                                        ddim50(ft, sched, x_eval[:N_GAP], cfg["sample_batch"]), 0)
     ft.unet.eval()  # no dropout while fine-tuning: the chain must be a deterministic function of x_T
     what = "full fine-tuning" if cfg["full_ft"] else f"LoRA rank {cfg['lora_rank']}"
     print(f"[shortft] {cfg['reward']}: {k} segments {[gr[-1] for gr in ft.groups]}, {what} "
@@ -170,8 +195,7 @@ def train(cfg, device):
     stage.start(step, total=cfg["ft_steps"] if cfg["ft_seconds"] <= 0 else None)
     while budget() < 1:
         t0 = time.time()
-        # P-Training: the budget is split into k equal stages; without it, always stage 0 (the diagram)
-        p_stage = min(k - 1, int(budget() * k)) if cfg["progressive"] and cfg["method"] in ("shortft", "shortft_naive") else 0
+        p_stage = ptrain_stage(cfg, k, budget())
         set_stage(ft, p_stage)  # in stage i only LoRAs i..k-1 train
         x_T = torch.randn(cfg["ft_batch"], 3, 32, 32, device=device)  # (B, 3, 32, 32)
         x0 = method_chain(cfg, ft, student, sched, x_T, p_stage)  # (B, 3, 32, 32), DRaFT-LV: (n B, ...)
@@ -191,19 +215,21 @@ def train(cfg, device):
         stage.tick(step, cfg["ft_batch"], "ft_lr", None, loss=loss.item())  # log.csv is written at the end
         stage.bar.set_postfix(reward=f"{r.mean().item():.3f}", grad=f"{grad_norm:.2f}", ms=f"{ms:.0f}", stage=p_stage)
         if cfg["ft_eval_every"] > 0 and step % cfg["ft_eval_every"] == 0 and budget() < 1:
-            curve.append(point(step, train_s, evaluate(merge_for_sampling(ft), sched, x_eval, cfg, device)[0]))
+            m, x0_eval = evaluate(merge_for_sampling(ft), sched, x_eval, cfg, device)
+            m["chain_gap"] = chain_gap(cfg, ft, student, sched, x_eval[:N_GAP], x0_eval[:N_GAP], p_stage)
+            curve.append(point(step, train_s, m))
             stage.say(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curve[-1].items()
                                                     if k not in ("step", "train_s")))
         if step % cfg["ft_ckpt_every"] == 0:
             save(done=False)
     stage.close()
     save(done=False)  # the final weights; `done` only once every output below exists
-    report(cfg, ft, sched, x_eval, before, history, curve, train_s, stage.out, base_path, edges, device)
+    report(cfg, ft, student, sched, x_eval, before, history, curve, train_s, stage.out, base_path, edges, device)
     save(done=True)
     return stage.ckpt_path
 
 
-def report(cfg, ft, sched, x_eval, before, history, curve, train_s, out, base_path, edges, device):
+def report(cfg, ft, student, sched, x_eval, before, history, curve, train_s, out, base_path, edges, device):
     """After training: the LoRA export, held-out scores after, eval.csv, the before/after grid, log.csv,
     metrics.json and the reward plot."""
     if not cfg["full_ft"]:
@@ -211,6 +237,8 @@ def report(cfg, ft, sched, x_eval, before, history, curve, train_s, out, base_pa
                            base=base_path, edges=list(edges))
     step = len(history)
     after, x_after = evaluate(merge_for_sampling(ft), sched, x_eval, cfg, device, cfg["fid_n"])
+    after["chain_gap"] = chain_gap(cfg, ft, student, sched, x_eval[:N_GAP], x_after[:N_GAP],
+                                   history[-1]["stage"] if history else 0)
     curve = [point(0, 0.0, before)] + curve + [point(step, train_s, after)]
     write_text(os.path.join(out, "eval.csv"),  # held-out scores along the run (--ft_eval_every)
                ",".join(curve[0]) + "\n" + "".join(",".join(f"{v:.5g}" for v in c.values()) + "\n" for c in curve))
@@ -230,7 +258,9 @@ def report(cfg, ft, sched, x_eval, before, history, curve, train_s, out, base_pa
 def point(step, train_s, m):
     """One row of eval.csv: where the run is, and the held-out scores of its DDIM-50 samples there."""
     return dict(step=step, train_s=train_s, reward=m.get("reward_mean", float("nan")),
-                target_rate=m.get("evaluator_target_rate", float("nan")), fd=m["fd"], diversity=m.get("diversity", float("nan")))
+                target_rate=m.get("evaluator_target_rate", float("nan")), fd=m["fd"], diversity=m.get("diversity", float("nan")),
+                fd_matched=m.get("fd_matched", float("nan")), fd_target=m.get("fd_target", float("nan")),
+                diversity_target=m.get("diversity_target", float("nan")), chain_gap=m.get("chain_gap", float("nan")))
 
 
 def plot_rewards(history, path):

@@ -49,6 +49,8 @@ DEFAULTS = dict(
     ddpm_warmup=100,  # linear lr warmup steps (Ho et al. 2020 use 5000 at full scale)
     ddpm_grad_clip=1.0,
     ddpm_ema=0.999,  # EMA rate of the weights that are sampled
+    ddpm_min_snr=0.0,  # > 0: Min-SNR-gamma loss weighting with this gamma (Hang et al. 2023; ddpm.eps_loss); 0: off
+    ddpm_lr_schedule="constant",  # constant | cosine (after the warmup, the lr decays to 0 at ddpm_steps)
     ddpm_ckpt_every=100,
     # --- reward classifier and held-out evaluator (train_classifier.py) ---
     classifier_width=8,  # the reward classifier: ResNet-9 (Page 2018), channels w, 2w, 4w, 8w
@@ -88,6 +90,7 @@ DEFAULTS = dict(
     full_ft=False,  # train all base weights instead of LoRA (no T-LoRA then)
     tlora=True,  # timestep-aware LoRA: one LoRA per segment, stacked (PAPER.md Sec. 3)
     progressive=True,  # P-Training: k stages, the real chain grows by a segment each stage
+    ptrain_t1_stage=False,  # P-Training's last stage trains LoRA k alone at t = 1, where it moves x_0 by <= 1.5 % of its eps change: skipped (k - 1 stages) unless true
     n_eval=256,  # DDIM-50 samples from fixed noise, scored before and after fine-tuning
     ft_ckpt_every=20,
     ft_eval_every=0,  # > 0: also score DDIM-50 samples every this many steps (eval.csv: the reward/quality curve)
@@ -98,6 +101,7 @@ DEFAULTS = dict(
     alignprop_max=50,  # (0, 50): AlignProp's aesthetic/HPS configs
     drtune_k=5,  # DRTune: evenly spaced steps of the 50 that train (the UNet input is sg(x_t) at every step)
     full_checkpoint=False,  # full backprop: gradient checkpointing on every UNet call
+    ft_clip_grad="hard",  # with --clip_x0, the training chains' clip: hard (a clipped pixel passes no gradient) | straight_through (same values, identity gradient; ddpm.clip)
     # --- sizes of the grids and evaluations (DDIM-50 samples cost 50 network calls each) ---
     grid_ddpm=56,  # ddpm stage: DDIM-50 samples in each grid (below a row of 8 real images)
     grid_shortcut=16,  # shortcut stage: teacher DDIM-50 samples and shortcut samples in each grid
@@ -144,6 +148,7 @@ EVAL_DEFAULTS = dict(  # keys of `python train_toy.py eval` (sftlib/metrics.py)
     fid=False,  # also Inception FID and KID against the CIFAR-10 test split, shown first (sftlib/fid.py; ~0.4 s/image on a CPU)
     fid_stats="",  # the test split's Inception statistics (.npz); empty: checkpoints/fid_cifar10_test.npz, else computed once
     fid_ref_n=10000,  # real test images behind the FID statistics when checkpoints/fid_cifar10_test.npz is absent
+    n_boot=200,  # bootstrap resamples of the samples behind the 95 % intervals (0: none)
 )
 
 
@@ -153,12 +158,13 @@ AT_LEAST_1 = ("ddpm_steps", "ddpm_batch", "ddpm_warmup", "ddpm_ckpt_every", "log
               "cls_batch", "cls_ckpt_every", "k_segments", "shortcut_steps", "shortcut_batch", "shortcut_ckpt_every",
               "ft_steps", "ft_batch", "lora_rank", "ft_ckpt_every", "draft_k", "lv_n", "grid_ddpm", "grid_shortcut",
               "grid_ft", "sample_batch", "fid_ref_n")
-AT_LEAST_0 = ("n_train", "n_test", "seed", "ft_seconds", "ft_eval_every", "cls_weight_decay", "alignprop_min", "fid_n")
+AT_LEAST_0 = ("n_boot", "ddpm_min_snr", "n_train", "n_test", "seed", "ft_seconds", "ft_eval_every", "cls_weight_decay", "alignprop_min", "fid_n")
 POSITIVE = ("ddpm_lr", "cls_lr", "shortcut_lr", "ft_lr", "ddpm_grad_clip", "shortcut_grad_clip", "ft_grad_clip",
             "lora_alpha", "ft_reward_scale", "beta_1")  # a clip <= 0 zeroes or reverses the gradient
 IN_0_1 = ("ddpm_ema", "shortcut_ema", "cd_target_ema", "teacher_chain_frac")  # probabilities and EMA rates
 BELOW_1 = ("dropout", "cls_label_smoothing")  # in [0, 1)
-CHOICES = dict(device=("auto", "cuda", "mps", "cpu"), cd_loss=("huber", "l2"), teacher_solver=("ddim", "heun"),
+CHOICES = dict(device=("auto", "cuda", "mps", "cpu"), ddpm_lr_schedule=("constant", "cosine"),
+               ft_clip_grad=("hard", "straight_through"), cd_loss=("huber", "l2"), teacher_solver=("ddim", "heun"),
                method=("shortft", "shortft_naive", "draft", "draft_lv", "alignprop", "drtune", "full"))
 MAX_SEED = 2**32 - 1  # numpy's seeds
 

@@ -66,17 +66,20 @@ def real_stats(out_dir, device):
     path = os.path.join(out_dir, "evaluator", "real_stats.npz")
     if os.path.isfile(path):
         with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+            if "feats_test" in f.files:  # an older cache lacks the per-image features: computed anew
+                return {k: f[k] for k in f.files}
     net, cfg = _evaluator(out_dir, device)
     cache = os.path.join(out_dir, "cache")
-    x_test, _ = load_cifar10(cfg["data_root"], "test", cfg["n_test"], cache)  # (N, 3, 32, 32) uint8
-    x_train, _ = load_cifar10(cfg["data_root"], "train", cfg["n_train"], cache)
+    x_test, y_test = load_cifar10(cfg["data_root"], "test", cfg["n_test"], cache)  # (N, 3, 32, 32) uint8
+    x_train, y_train = load_cifar10(cfg["data_root"], "train", cfg["n_train"], cache)
     # a fixed random subset of the training images: every class, in random order
     keep = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:N_FLOOR]
     f_test, _ = net_outputs(net, x_test, device)  # (N_test, D)
     f_train, _ = net_outputs(net, x_train[keep], device)  # (N_floor, D)
     mu, sigma = gaussian_stats(f_test)
     stats = dict(mu_test=mu, sigma_test=sigma, feats_train=f_train.astype(np.float32),
+                 feats_test=f_test.astype(np.float32), labels_test=np.asarray(y_test),
+                 labels_train=np.asarray(y_train)[keep.numpy()],
                  n_test=np.array(len(x_test)), n_train=np.array(len(f_train)),
                  fd_floor=np.array(frechet_distance(*gaussian_stats(f_train), mu, sigma)))
     with atomic_path(path) as tmp:
@@ -109,12 +112,70 @@ def load_samples(path):
     return images
 
 
-def evaluate_samples(images, out_dir, device, target=None, reward=None, fid=False, fid_stats="", fid_ref_n=10000):
+def _resample_to_mix(labels, counts, rng):
+    """Indices into `labels` with counts[c] draws of class c (with replacement): a real set with a given class mix."""
+    idx = [rng.choice(np.flatnonzero(labels == c), n, replace=True) for c, n in enumerate(counts)
+           if n > 0 and (labels == c).any()]  # a class the real set lacks (a --n_test subset) is left out
+    return np.concatenate(idx) if idx else np.zeros(0, dtype=int)
+
+
+def _fd(f1, f2):
+    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+
+
+def _spread(f):
+    return float(np.trace(np.cov(f, rowvar=False)))
+
+
+def class_matched(feats, pred, stats, target=None, seed=0):
+    """Quality metrics that do not count an intended class shift as damage (the evaluator's features).
+
+    feats (N, D), pred (N,): the samples' evaluator features and predicted classes; stats: real_stats().
+    - fd_matched: the Fréchet distance to real test images resampled (with replacement, per class) to the
+      samples' predicted class mix, N_ref = the test split's size; its floor is the same distance for N
+      real training images resampled to that mix; diversity_matched = tr(Sigma) / tr(Sigma of that set).
+      A fine-tuned model that draws only good ships scores like real ships, not like a collapsed model.
+    - with a target class: fd_target, the distance between the samples predicted as the target and the
+      real test images of that class, with its floor (as many real training images of the class), and
+      diversity_target: the spread within the class, against the real class's (the collapse detector)."""
+    rng = np.random.default_rng(seed)
+    n_cls = int(stats["labels_test"].max()) + 1
+    counts = np.bincount(pred, minlength=n_cls)
+    ref_counts = np.round(counts / len(pred) * len(stats["labels_test"])).astype(int)
+    ref = stats["feats_test"][_resample_to_mix(stats["labels_test"], ref_counts, rng)]
+    floor = stats["feats_train"][_resample_to_mix(stats["labels_train"], counts, rng)]
+    m = {"fd_matched": _fd(feats, ref), "fd_matched_floor": _fd(floor, ref),
+         "diversity_matched": _spread(feats) / _spread(ref)}
+    if target is not None:
+        sel = feats[pred == target]
+        real = stats["feats_test"][stats["labels_test"] == target]
+        m["n_target"] = len(sel)
+        if len(sel) >= 2:
+            train_t = stats["feats_train"][stats["labels_train"] == target]
+            m["fd_target"] = _fd(sel, real)
+            m["fd_target_floor"] = _fd(train_t[rng.permutation(len(train_t))[:len(sel)]], real)
+            m["diversity_target"] = _spread(sel) / _spread(real)
+    return m
+
+
+def bootstrap_ci(values_fn, n, n_boot=200, seed=0, level=0.95):
+    """Percentile bootstrap (Efron & Tibshirani 1993): values_fn(idx) -> dict of numbers, recomputed on
+    n_boot resamples idx of range(n) with replacement; returns {key: [lo, hi]}."""
+    rng = np.random.default_rng(seed)
+    draws = [values_fn(rng.integers(0, n, n)) for _ in range(n_boot)]
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    return {k: [float(v) for v in np.percentile([d[k] for d in draws if k in d], q)]
+            for k in draws[0] if all(k in d for d in draws)}
+
+
+def evaluate_samples(images, out_dir, device, target=None, reward=None, fid=False, fid_stats="", fid_ref_n=10000,
+                     n_boot=0):
     """Held-out metrics of uint8 samples (N, 32, 32, 3) -> a flat dict (see the module docstring).
 
     target: a CIFAR-10 class name or index (adds the target-class rate and mean log-probabilities);
     reward: a rewards.py spec (adds the mean of that reward over the samples);
-    fid: Inception FID and KID first (`inception_metrics`, with fid_stats and fid_ref_n).
+    fid: Inception FID and KID first (`inception_metrics`, with fid_stats and fid_ref_n);
+    n_boot > 0: bootstrap 95 % intervals (over the samples) of the rates and class-matched distances, as <key>_ci.
     """
     check_samples(images)
     head = inception_metrics(images, out_dir, device, fid_stats, fid_ref_n) if fid else {}
@@ -136,6 +197,15 @@ def evaluate_samples(images, out_dir, device, target=None, reward=None, fid=Fals
          "n_test": int(stats["n_test"]),
          "evaluator_class_hist": {c: float(h) for c, h in zip(CLASSES, hist)},
          "evaluator_class_entropy": float(-(hist[hist > 0] * np.log(hist[hist > 0])).sum())}
+    pred = logp.argmax(1)
+    m.update(class_matched(feats, pred, stats, target))
+    if n_boot > 0:
+        def again(idx):
+            r = class_matched(feats[idx], pred[idx], stats, target)
+            if target is not None:
+                r["evaluator_target_rate"] = float((pred[idx] == target).mean())
+            return r
+        m.update({f"{k}_ci": v for k, v in bootstrap_ci(again, len(x), n_boot).items() if not k.startswith("n_")})
     if target is not None:
         m["target"] = CLASSES[target]
         m["evaluator_target_rate"] = float(hist[target])
@@ -213,9 +283,21 @@ def format_table(m):
              f"  floor: {m['fd_floor_n']:5d} real train vs test         {m['fd_floor_same_n']:10.4g}",
              f"  floor: {m['fd_floor_full_n']:5d} real train vs test         {m['fd_floor_full']:10.4g}",
              f"diversity tr(Sigma) / tr(Sigma_test) (real ~1, collapse -> 0) {m['diversity']:8.3f}"]
+
+    def ci(key):
+        return f"  [{m[key + '_ci'][0]:.4g}, {m[key + '_ci'][1]:.4g}]" if key + "_ci" in m else ""
+    lines += ["class-matched (real test images resampled to the samples' predicted class mix):",
+              f"  samples vs matched test                 {m['fd_matched']:10.4g}{ci('fd_matched')}",
+              f"  floor: real train, same mix and N       {m['fd_matched_floor']:10.4g}",
+              f"  diversity vs the matched set            {m['diversity_matched']:10.3f}{ci('diversity_matched')}"]
+    if "fd_target" in m:
+        lines += [f"within the target class ({m['n_target']} samples predicted as it, vs its real test images):",
+                  f"  Fréchet distance                        {m['fd_target']:10.4g}{ci('fd_target')}",
+                  f"  floor: as many real train images        {m['fd_target_floor']:10.4g}",
+                  f"  diversity within the class              {m['diversity_target']:10.3f}{ci('diversity_target')}"]
     if "target" in m:
         lines += [f"target class: {m['target']}",
-                  f"  held-out evaluator: target rate {m['evaluator_target_rate']:6.1%}   "
+                  f"  held-out evaluator: target rate {m['evaluator_target_rate']:6.1%}{ci('evaluator_target_rate')}   "
                   f"mean log p(target) {m['evaluator_mean_logp_target']:8.3f}"]
         if "classifier_target_rate" in m:
             lines.append(f"  reward classifier:  target rate {m['classifier_target_rate']:6.1%}   "
@@ -243,7 +325,7 @@ def run_eval(args):
     images = load_samples(opts["samples"])
     device = pick_device(opts["device"])
     m = evaluate_samples(images, opts["out_dir"], device, opts["target"] or None, opts["reward"] or None,
-                         opts["fid"], opts["fid_stats"], opts["fid_ref_n"])
+                         opts["fid"], opts["fid_stats"], opts["fid_ref_n"], opts["n_boot"])
     print(format_table(m))
     print(json.dumps(m))
     return m

@@ -106,6 +106,39 @@ def test_eps_loss_zero_for_model_returning_true_noise():
     assert ddpm.eps_loss(lambda x, t: torch.zeros_like(x), sched, x0).item() > 0.5  # E||eps||^2 = 1
 
 
+def test_min_snr_weighting_against_explicit_per_sample_weights():
+    """Min-SNR-gamma (Hang et al. 2023): each sample's mean squared error times min(SNR_t, gamma) / SNR_t,
+    recomputed here from the same draws of t and eps (the same RNG seed)."""
+    sched = ddpm.Schedule()
+    x0 = torch.rand(64, 3, 4, 4) * 2 - 1
+    model = lambda x, t: 0.5 * x  # any eps-predictor
+    for gamma in (0.0, 5.0):
+        torch.manual_seed(3)
+        got = ddpm.eps_loss(model, sched, x0, gamma).item()
+        torch.manual_seed(3)
+        t = torch.randint(0, sched.T, (64,))
+        eps = torch.randn_like(x0)
+        abar = sched.alpha_bar[t].double()
+        x_t = abar.sqrt().view(-1, 1, 1, 1) * x0.double() + (1 - abar).sqrt().view(-1, 1, 1, 1) * eps.double()
+        err = ((eps.double() - 0.5 * x_t) ** 2).mean(dim=(1, 2, 3))
+        snr = abar / (1 - abar)
+        w = torch.minimum(snr, torch.tensor(gamma)) / snr if gamma > 0 else torch.ones(64, dtype=torch.float64)
+        assert abs(got - (w * err).mean().item()) < 1e-5 * (w * err).mean().item()
+        if gamma > 0:  # it does down-weight: the low-noise samples (SNR > gamma) count less
+            assert (w < 1).any() and (w[snr <= gamma] == 1).all()
+
+
+def test_ddpm_lr_schedule_warmup_then_constant_or_cosine_to_zero():
+    from train_ddpm import lr_at
+
+    cfg = dict(ddpm_lr=1e-3, ddpm_warmup=10, ddpm_steps=110, ddpm_lr_schedule="constant")
+    assert lr_at(cfg, 0) == 1e-4 and lr_at(cfg, 9) == 1e-3 and lr_at(cfg, 109) == 1e-3
+    cfg["ddpm_lr_schedule"] = "cosine"
+    assert lr_at(cfg, 4) == 5e-4  # the warmup is the same
+    assert abs(lr_at(cfg, 10) - 1e-3) < 1e-12 and abs(lr_at(cfg, 60) - 5e-4) < 1e-12  # halfway: half
+    assert lr_at(cfg, 109) < 1e-6  # the last step: nearly zero
+
+
 def test_ddim_sampler_gradient_matches_finite_differences():
     """The samplers are differentiable: d x_0 / d theta through 10 DDIM steps vs central differences."""
     sched = ddpm.Schedule()

@@ -209,7 +209,7 @@ def test_stage_bar_log_grids_and_resume_of_a_killed_run(tiny, tmp_path, capsys, 
     assert "sd15: 100%" in capsys.readouterr().out.replace("|", "")  # tqdm's bar, desc sd15, at 3/3
     header, rows = log_rows(whole)
     assert header == ["step", *train_sd.COLUMNS, "img_per_s"] and [r["step"] for r in rows] == [1, 2, 3]
-    assert [r["p_stage"] for r in rows] == [0, 1, 2]  # P-Training: step * k // ft_steps with k = 4
+    assert [r["p_stage"] for r in rows] == [0, 1, 2]  # P-Training: k - 1 = 3 stages of one step (shortft.ptrain_stage)
     grids = sorted(f for f in os.listdir(whole / "sd15") if f.startswith("samples_"))
     assert grids == ["samples_0.png", "samples_2.png", "samples_3.png"]
     from PIL import Image

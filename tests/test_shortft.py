@@ -409,3 +409,17 @@ def test_config_methods_are_the_stage_methods():
     from sftlib import config
 
     assert set(config.CHOICES["method"]) == set(train_shortft.METHODS)
+
+
+def test_ptrain_stage_splits_the_budget_into_equal_parts_and_skips_the_t1_stage():
+    from shortft import ptrain_stage
+
+    # k = 4: three stages of a third each; the fourth (LoRA 4 alone at t = 1) only on request
+    assert [ptrain_stage(4, s / 12) for s in range(12)] == [0] * 4 + [1] * 4 + [2] * 4
+    assert [ptrain_stage(4, s / 12, t1_stage=True) for s in range(12)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert ptrain_stage(4, 1.0) == 2 and ptrain_stage(1, 0.7) == 0  # the end of the budget; k = 1: one stage
+    # why t = 1 is skipped: an eps change there moves x_0 by sqrt(1 - abar_1) / sqrt(abar_1) of itself
+    sched = ddpm.Schedule()
+    x1, eps, d = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    moved = (ddpm.predict_x0(sched, x1, 1, eps + d) - ddpm.predict_x0(sched, x1, 1, eps)).norm() / d.norm()
+    assert 0.005 < moved.item() < 0.02

@@ -1,0 +1,161 @@
+"""The 10-minute CPU recipe for the DDPM stage, measured: each variant of the DDPM's config trained for
+the same wall-clock budget by the project's own command (train_ddpm.py), then sampled (DDIM-50, fixed
+noise) and scored by the shipped held-out evaluator (its Fréchet distance, fast) and optionally by
+Inception FID/KID (sftlib/fid.py, ~0.4 s per image on 2 CPU cores).
+
+    python benchmarks/bench_recipe.py                                   # every variant, 600 s each
+    python benchmarks/bench_recipe.py --variants=old,new --fid=old,new --n_samples=2000
+    python benchmarks/bench_recipe.py --budget_s=60 --n_samples=200     # a quick look
+
+A variant that names ddpm_steps (old900: the old default as it shipped) trains that many steps instead.
+Equal compute, robust to a busy machine: first every variant's seconds per training step are measured
+on the idle machine (--calib_steps steps after 3 warm-up steps, in this process, with the same threads
+as the training run), and each variant then trains for round(budget_s / seconds_per_step) steps. The
+DDPM stage's real wall time is reported next to it (it equals the budget only on an idle machine).
+
+Writes <out_dir>/results.json and prints a markdown table; the sample grids are
+<out_dir>/<variant>/grid.png (the first 64 of the scored samples).
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import ddpm
+from sftlib import config
+from sftlib.common import UserError, pick_device, run_main, save_grid
+from sftlib.data import DeviceBatches, load_cifar10
+from unet import build_unet
+
+# Each variant: flags on top of the CPU defaults. "old" is the CPU recipe before this benchmark
+# (it pins the keys whose defaults it changed), "new" is the one the defaults now hold.
+OLD = dict(ch=16, ch_mult="1,2,4", num_res_blocks=1, attn_res="8", ddpm_batch=64, ddpm_lr=1e-3, ddpm_min_snr=0.0,
+           ddpm_lr_schedule="constant", ddpm_ema=0.999, ddpm_warmup=100)
+VARIANTS = {
+    "old900": dict(OLD, ddpm_steps=900),  # the old default as it was: 900 steps, whatever their wall time
+    "old": OLD,
+    "minsnr5": dict(OLD, ddpm_min_snr=5.0),
+    "cosine": dict(OLD, ddpm_lr_schedule="cosine"),
+    "lr2e-3": dict(OLD, ddpm_lr=2e-3),
+    "b32": dict(OLD, ddpm_batch=32),
+    "b128": dict(OLD, ddpm_batch=128),
+    "noattn": dict(OLD, attn_res=""),
+    "ch32_122": dict(OLD, ch=32, ch_mult="1,2,2"),
+    "ch24_122": dict(OLD, ch=24, ch_mult="1,2,2"),
+    "new": {k: config.DEFAULTS[k] for k in OLD},
+}
+DEFAULTS = dict(variants=",".join(VARIANTS), fid="", budget_s=600.0, calib_steps=10, n_samples=1000,
+                out_dir="out/bench_recipe", data_root="", device="cpu", seed=0, reuse=True)
+
+
+def calibrate(flags, data, device, n):
+    """Seconds per training step of the UNet and batch in `flags` (the median of n timed steps)."""
+    cfg = dict(config.DEFAULTS, **flags)
+    model = build_unet(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    sched = ddpm.Schedule(device=device)
+    times = []
+    for i in range(n + 3):
+        t0 = time.perf_counter()
+        x0, _ = data.sample(cfg["ddpm_batch"])
+        loss = ddpm.eps_loss(model, sched, x0, cfg["ddpm_min_snr"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= 3:  # the first steps allocate
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times)), sum(p.numel() for p in model.parameters())
+
+
+def run(cmd):
+    print("+ " + " ".join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return time.time() - t0
+
+
+def main(argv):
+    a = dict(DEFAULTS, **config.parse_overrides(argv, DEFAULTS, description=__doc__))
+    names = [v for v in a["variants"].split(",") if v]
+    fid_names = [v for v in a["fid"].split(",") if v]
+    for v in names + fid_names:
+        if v not in VARIANTS:
+            raise UserError(f"unknown variant {v!r}: one of {', '.join(VARIANTS)}")
+    if a["budget_s"] <= 0 or a["n_samples"] < 2 or a["calib_steps"] < 1:
+        raise UserError("--budget_s must be > 0, --n_samples >= 2 and --calib_steps >= 1")
+    data_root = a["data_root"] or os.environ.get("SHORTFT_CIFAR", "data")
+    device = pick_device(a["device"])
+    out = os.path.abspath(a["out_dir"])
+    os.makedirs(out, exist_ok=True)
+    res_path = os.path.join(out, "results.json")
+    results = json.load(open(res_path)) if a["reuse"] and os.path.isfile(res_path) else {}
+    # the judge: the shipped held-out evaluator (installed with the other classroom models)
+    judge = os.path.join(out, "judge")
+    if not os.path.isfile(os.path.join(judge, "evaluator", "ckpt.pt")):
+        from sftlib import pretrained
+        pretrained.install(dict(config.DEFAULTS, out_dir=judge, data_root=data_root))
+
+    x, y = load_cifar10(data_root, "train", 0, os.path.join(out, "cache"))
+    data = DeviceBatches(x, y, device)
+    for v in names:  # calibration first, on the machine as idle as it is now
+        r = results.setdefault(v, {})
+        if "s_per_step" not in r or r.get("flags") != VARIANTS[v]:
+            r.clear()
+            r["flags"] = VARIANTS[v]
+            r["s_per_step"], r["params"] = calibrate(VARIANTS[v], data, device, a["calib_steps"])
+            r["steps"] = VARIANTS[v].get("ddpm_steps") or max(1, round(a["budget_s"] / r["s_per_step"]))
+            print(f"[recipe] {v}: {r['params'] / 1e6:.2f}M parameters, {r['s_per_step']:.3f} s/step "
+                  f"-> {r['steps']} steps in {a['budget_s']:.0f} s", flush=True)
+            json.dump(results, open(res_path, "w"), indent=1)
+
+    from sftlib.metrics import evaluate_samples, inception_metrics
+    for v in names:
+        r = results[v]
+        vdir = os.path.join(out, v)
+        flags = [f"--{k}={val}" for k, val in r["flags"].items() if k != "ddpm_steps"]
+        common = [f"--data_root={data_root}", f"--device={a['device']}", f"--seed={a['seed']}"]
+        if "ddpm_wall_s" not in r:
+            r["ddpm_wall_s"] = run([sys.executable, "train_ddpm.py", f"--out_dir={vdir}", f"--ddpm_steps={r['steps']}",
+                                    f"--sample_every={r['steps']}", f"--ddpm_ckpt_every={max(1, r['steps'] // 4)}",
+                                    "--log_every=50", "--preset=cpu"] + flags + common)
+            json.dump(results, open(res_path, "w"), indent=1)
+        npz = os.path.join(vdir, "samples.npz")
+        if "sample_img_per_s" not in r:
+            wall = run([sys.executable, "train_toy.py", "sample", f"--ckpt={vdir}/ddpm/ckpt.pt",
+                        f"--n={a['n_samples']}", f"--out={npz}", "--seed=0", f"--device={a['device']}"])
+            r["sample_img_per_s"] = a["n_samples"] / wall  # includes the process start (~2 s)
+        images = np.load(npz)["images"]
+        save_grid(torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1, os.path.join(vdir, "grid.png"))
+        if "fd" not in r:
+            m = evaluate_samples(images, judge, device)
+            r.update(fd=m["fd"], fd_floor_same_n=m["fd_floor_same_n"], diversity=m["diversity"],
+                     class_entropy=m["evaluator_class_entropy"])
+        if v in fid_names and r.get("fid_n") != len(images):
+            r.update(inception_metrics(images, judge, device))
+        json.dump(results, open(res_path, "w"), indent=1)
+        print(f"[recipe] {v}: {json.dumps({k: r[k] for k in r if k != 'flags'})}", flush=True)
+    print(table(results, names))
+
+
+def table(results, names):
+    rows = ["| variant | params | s/step | steps | DDPM wall s | evaluator FD (floor) | diversity | FID | KID | sample img/s |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for v in names:
+        r = results[v]
+        fid = f"{r['fid']:.1f}" if "fid" in r else "-"
+        kid = f"{r['kid']:.4f} ± {r['kid_std']:.4f}" if "kid" in r else "-"
+        rows.append(f"| {v} | {r['params'] / 1e6:.2f}M | {r['s_per_step']:.3f} | {r['steps']} | {r['ddpm_wall_s']:.0f} "
+                    f"| {r['fd']:.2f} ({r['fd_floor_same_n']:.2f}) | {r['diversity']:.2f} | {fid} | {kid} "
+                    f"| {r['sample_img_per_s']:.0f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    run_main(main)

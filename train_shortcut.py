@@ -22,7 +22,7 @@ from sftlib.common import (UserError, bf16_autocast, ema_update, export_safetens
                            set_rng_state)
 from sftlib.data import DeviceBatches, load_cifar10
 from sftlib.models import MODEL_KEYS, load_ddpm
-from sftlib.stage import Stage, run_alone
+from sftlib.stage import LEGACY, Stage, run_alone
 
 
 @torch.no_grad()  # sampling grids for a look: no gradients needed
@@ -55,7 +55,8 @@ def train(cfg, device):
     teacher, sched, teacher_cfg = load_ddpm(teacher_path, device)  # the DDPM's EMA weights
     teacher.requires_grad_(False)
     edges = segment_edges(sched.T, ddpm.N_CHAIN, cfg["k_segments"])
-    cfg.update({k: teacher_cfg[k] for k in MODEL_KEYS})  # the student is the teacher's UNet
+    # the student is the teacher's UNet (a teacher saved before a key existed ran with its LEGACY value)
+    cfg.update({k: teacher_cfg.get(k, LEGACY.get(k)) for k in MODEL_KEYS})
 
     student = copy.deepcopy(teacher).requires_grad_(True)  # initialised from the teacher (Song et al. 2023)
     if cfg["shortcut_init"]:  # *choice* for ablations: re-segment a distilled shortcut (e.g. k = 4 -> 8) briefly

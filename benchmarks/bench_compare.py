@@ -39,12 +39,13 @@ from sftlib.models import build_finetuned, load_shortcut
 from shortft import full_chain, shortft_chain
 
 DEFAULTS = dict(out_dir="out", seconds=60.0, seeds="0,1", n_eval=128, quick=False, device="auto", jobs=0,
-                threads=1, methods="shortft,draft,draft_lv,alignprop,full,full_ckpt,shortft_no_tlora,"
+                threads=1, methods="shortft,draft,draft_lv,alignprop,drtune,shortft_naive,full,full_ckpt,shortft_no_tlora,"
                 "shortft_no_ptrain,shortft_k2,shortft_k8", k_shortcut_steps=60, grad_norms=True, child_mem="",
                 fid_n=0)  # > 0: also Inception FID/KID of that many DDIM-50 samples per run (~0.4 s/image on a CPU)
 # name -> the train_toy.py overrides that make it
 RUNS = {"shortft": [], "draft": ["--method=draft"], "draft_lv": ["--method=draft_lv"],
-        "alignprop": ["--method=alignprop"], "full": ["--method=full"],
+        "alignprop": ["--method=alignprop"], "drtune": ["--method=drtune"], "shortft_naive": ["--method=shortft_naive"],
+        "full": ["--method=full"],
         "full_ckpt": ["--method=full", "--full_checkpoint"],
         "shortft_no_tlora": ["--tlora=false"], "shortft_no_ptrain": ["--progressive=false"],
         "shortft_k2": [], "shortft_k8": []}  # ShortFT on a shortcut of k = 2 / 8 segments (k_of)
@@ -203,7 +204,12 @@ def main(argv):
     bad = [n for n in names if n not in RUNS]
     if bad:
         raise UserError(f"unknown method {bad[0]!r}: choose from {', '.join(RUNS)}")
-    seeds = [int(s) for s in opts["seeds"].split(",")]
+    try:
+        seeds = [int(s) for s in opts["seeds"].split(",")]
+    except ValueError:
+        raise UserError(f"--seeds must be a comma list of integers, e.g. 0,1,2; got {opts['seeds']!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise UserError(f"--seeds must be non-negative integers, got {opts['seeds']!r}")
     if opts["jobs"] == 0:  # auto: two one-thread runs side by side on a CPU, one run at a time on a GPU
         opts["jobs"] = 2 if device.type == "cpu" else 1
     if opts["jobs"] < 1 or opts["threads"] < 1:

@@ -3,10 +3,12 @@ full DDIM-50 gradient, and its norm; DRaFT-K's depth sweep K = 1..50; the gradie
 contributes; the adjoint |dr/dx_t| at every t; with the hard x0-clip, the straight-through one and
 none. No training: every gradient is taken at the LoRA's initialisation (B = 0, so the model is the base).
 
-    python benchmarks/bench_gradients.py                           # the classroom checkpoints (~25 min on 2 CPU cores)
-    python benchmarks/bench_gradients.py --models=out              # the models of a pipeline run (out/ddpm, out/shortcut, ...)
+    python benchmarks/bench_gradients.py                           # the classroom checkpoints (hours on a CPU: a GPU job)
+    python benchmarks/bench_gradients.py --models=out              # a CPU-preset pipeline run: ~30 min on 2 CPU cores
     python benchmarks/bench_gradients.py --n=16 --inits=1 --clips=hard   # a quick look
 
+DRaFT-K is not run as a method: its gradient is exactly the sum of the last K calls' shares of the
+full gradient (tests/test_gradstudy.py), so the depth sweep gives every K, K = 1 included, for free.
 Every method's gradient is that of the mean reward over the same --n samples (x_T fixed per init), in
 one parameter space: a single LoRA (rank --lora_rank) on every conv and linear layer, for every method
 (ShortFT too, so without T-LoRA: its P-Training stages are shortft_s0..s3 on that one LoRA). Each init
@@ -33,7 +35,7 @@ from sftlib.gradstudy import cosine, full_decomposition, method_gradient
 from sftlib.models import build_finetuned, load_naive_shortcut, load_shortcut
 
 DEFAULTS = dict(models="", reward="classifier:ship", n=64, batch=16, inits=3, clips="hard,straight_through,none",
-                methods="draft,draft_lv,alignprop,drtune,shortft,shortft_naive", lora_rank=4, out="out/bench_gradients",
+                methods="draft_lv,alignprop,drtune,shortft,shortft_naive", lora_rank=4, out="out/bench_gradients",
                 docs="", device="cpu", threads=0)
 CLIPS = {"hard": True, "straight_through": "straight_through", "none": False}
 METHODS = ("draft", "draft_lv", "alignprop", "drtune", "shortft", "shortft_naive")

@@ -9,7 +9,7 @@ from shortft import FineTuned, merge_for_sampling, segment_groups
 from unet import build_unet
 
 # the config keys that decide the shape of the UNet: a resumed run must not change them
-MODEL_KEYS = ("T", "beta_1", "beta_T", "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout")
+MODEL_KEYS = ("T", "beta_1", "beta_T", "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout", "eps_skip")
 
 
 def schedule_of(cfg, device):

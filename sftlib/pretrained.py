@@ -8,13 +8,14 @@ import os
 import shutil
 
 from sftlib.common import UserError, atomic_path, read_safetensors, save_atomic
+from sftlib.stage import LEGACY
 
 FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
 STAGES = ("ddpm", "shortcut", "classifier", "evaluator")  # <stage>.safetensors, each a checkpoint kind
 # what the pipeline must agree on with the shipped models, each from the model that owns it: their
 # shapes and their (completed) step counts
 SHIPPED_KEYS = {"ddpm": ("T", "beta_1", "beta_T", "clip_x0", "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout",
-                         "ddpm_steps"),
+                         "eps_skip", "ddpm_steps"),
                 "shortcut": ("k_segments", "shortcut_steps"),
                 "classifier": ("classifier_width", "classifier_steps"),
                 "evaluator": ("evaluator_width", "evaluator_steps")}
@@ -45,7 +46,7 @@ def install(cfg, folder=FOLDER):
     for stage in STAGES:
         state, meta = read(stage, folder)
         ckpt_cfg = dict(meta["config"], **{k: cfg[k] for k in RUN_KEYS})
-        shipped.update({k: meta["config"][k] for k in SHIPPED_KEYS[stage]})
+        shipped.update({k: meta["config"].get(k, LEGACY.get(k)) for k in SHIPPED_KEYS[stage]})
         path = os.path.join(cfg["out_dir"], stage, "ckpt.pt")
         if os.path.exists(path):
             print(f"[pretrained] {path} exists: kept (remove it to install the shipped {stage})")

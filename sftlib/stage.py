@@ -35,6 +35,8 @@ RESUME_MAY_CHANGE = ("ddpm_steps", "shortcut_steps", "classifier_steps", "evalua
                      "shortcut_ckpt_every", "cls_ckpt_every", "ft_ckpt_every", "ft_eval_every", "bf16", "compile",
                      "resume", "device", "stages", "preset", "out_dir", "data_root", "grid_ddpm", "grid_shortcut",
                      "grid_ft", "sample_batch", "fid_n", "fid_ref_n", "pretrained")
+# keys added after checkpoints were written without them: such a checkpoint ran with these values
+LEGACY = dict(eps_skip=False, ddpm_min_snr=0.0, ddpm_lr_schedule="constant", ft_clip_grad="hard", ptrain_t1_stage=True)
 # ... and these always come from the current command, never from the checkpoint: a copied or moved
 # run reads and writes where it is now
 RESUME_FROM_COMMAND = ("out_dir", "data_root", "device", "resume", "stages")
@@ -139,6 +141,7 @@ class Stage:
         given = getattr(self.cfg, "given", None)
         given = set(self.cfg) if given is None else given
         conflicts, changed = [], {}
+        saved = {**{k: v for k, v in LEGACY.items() if k in self.cfg}, **saved}  # an older checkpoint's missing keys
         for k, v in saved.items():
             if k not in self.cfg or v == self.cfg[k] or k in RESUME_FROM_COMMAND:
                 continue

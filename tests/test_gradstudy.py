@@ -101,3 +101,18 @@ def test_straight_through_chain_samples_equal_hard_clip_samples_but_gradients_di
 def test_cosine_oracle():
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
     assert abs(cosine(a, b) - 2 ** -0.5) < 1e-7 and abs(cosine(a, -a) + 1) < 1e-7
+
+
+@pytest.mark.parametrize("args,needle", [(["--methods=shortft,sgd"], "unknown method 'sgd'"),
+                                         (["--clips=soft"], "unknown clip mode 'soft'"),
+                                         (["--inits=0"], "at least 1"), (["--n=x"], "--n")])
+def test_bench_gradients_bad_input(args, needle, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_gradients.py"), f"--out={tmp_path}",
+                        "--models=/nonexistent", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -133,7 +133,9 @@ def torch_load(path):
 
 
 @pytest.mark.parametrize("args,needle", [(["--methods=shortft,sgd"], "unknown method 'sgd'"),
-                                         (["--jobs=-1"], "--jobs"), (["--seconds"], "--seconds needs a value")])
+                                         (["--jobs=-1"], "--jobs"), (["--seconds"], "--seconds needs a value"),
+                                         (["--seeds=0,x"], "--seeds must be a comma list"),
+                                         (["--seeds=-1"], "--seeds must be non-negative")])
 def test_bench_compare_bad_input(args, needle, tmp_path):
     import subprocess
     import sys

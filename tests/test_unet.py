@@ -37,3 +37,27 @@ def test_weight_layers_are_named_conv_and_linear():
     # every parameter lives in a Conv2d, a Linear or a GroupNorm: nothing hidden for LoRA to miss
     kinds = {type(m) for m in net.modules() if any(True for _ in m.parameters(recurse=False))}
     assert kinds <= {nn.Conv2d, nn.Linear, nn.GroupNorm}
+
+
+def test_eps_skip_adds_the_linear_guess_of_eps_and_keeps_the_state_dict():
+    """eps_skip: out = UNet(x, t) + c_skip(t) x with c_skip = sqrt(1 - abar) / (abar sigma^2 + 1 - abar),
+    checked against the plain UNet with the same weights; the state dict is the plain one's (old
+    checkpoints load) and a config without the key builds the plain UNet."""
+    import ddpm
+    from sftlib import config
+    from unet import SIGMA_DATA, build_unet
+
+    cfg = dict(config.DEFAULTS, ch=8, ch_mult="1,2", attn_res="")
+    torch.manual_seed(0)
+    plain = build_unet(cfg).eval()
+    skip = build_unet(dict(cfg, eps_skip=True)).eval()
+    assert skip.state_dict().keys() == plain.state_dict().keys()
+    skip.load_state_dict(plain.state_dict())
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([0, 500, 981])
+    abar = ddpm.Schedule().alpha_bar[t].view(-1, 1, 1, 1)
+    c = (1 - abar).sqrt() / (abar * SIGMA_DATA**2 + 1 - abar)
+    with torch.no_grad():
+        torch.testing.assert_close(skip(x, t), plain(x, t) + c * x)
+    assert c[2].item() > 0.99 and c[0].item() < 0.05  # ~x_t at the top of the chain, ~0 at the bottom
+    legacy = {k: v for k, v in cfg.items() if k != "eps_skip"}
+    assert build_unet(legacy).skip_alpha_bar is None

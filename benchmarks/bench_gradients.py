@@ -219,6 +219,8 @@ def main(argv):
         for seed in range(a["inits"]):
             runs.append(study(a, folder, device, clip, seed))
             r = runs[-1]
+            with open(os.path.join(a["out"], "results.json"), "w") as f:  # after every run: a killed study keeps them
+                json.dump(dict(args=a, models=folder, wall_s=time.time() - t0, runs=runs, partial=True), f)
             print(f"[gradients] clip {clip}, init {seed}: full norm {r['full_norm']:.3g}, "
                   + ", ".join(f"{n} {m['cos']:.3f}" for n, m in r["methods"].items())
                   + f" ({time.time() - t0:.0f} s)", flush=True)

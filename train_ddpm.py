@@ -34,7 +34,7 @@ def lr_at(cfg, step):
     use 5000 at full scale), then constant, or with ddpm_lr_schedule=cosine a half cosine from ddpm_lr
     down to 0 at ddpm_steps (Loshchilov & Hutter 2017; the last weights are the ones sampled)."""
     lr = cfg["ddpm_lr"] * min(1.0, (step + 1) / cfg["ddpm_warmup"])
-    if cfg.get("ddpm_lr_schedule", "constant") == "cosine" and step >= cfg["ddpm_warmup"]:
+    if cfg["ddpm_lr_schedule"] == "cosine" and step >= cfg["ddpm_warmup"]:
         done = (step - cfg["ddpm_warmup"]) / max(1, cfg["ddpm_steps"] - cfg["ddpm_warmup"])  # in [0, 1)
         lr = cfg["ddpm_lr"] * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
     return lr
@@ -79,7 +79,7 @@ def train(cfg, device):
             group["lr"] = lr_at(cfg, step)
         x0, _ = data.sample(cfg["ddpm_batch"])  # (B, 3, 32, 32) in [-1, 1]
         with autocast:
-            loss = ddpm.eps_loss(net, sched, x0, cfg.get("ddpm_min_snr", 0.0))
+            loss = ddpm.eps_loss(net, sched, x0, cfg["ddpm_min_snr"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["ddpm_grad_clip"])

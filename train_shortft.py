@@ -99,7 +99,7 @@ def ptrain_stage(cfg, k, done):
     """P-Training's stage (shortft.ptrain_stage) at `done`, the fraction of the budget used; 0 without it."""
     if not cfg["progressive"] or cfg["method"] not in ("shortft", "shortft_naive"):
         return 0
-    return shortft_ptrain_stage(k, done, cfg.get("ptrain_t1_stage", False))
+    return shortft_ptrain_stage(k, done, cfg["ptrain_t1_stage"])
 
 
 @torch.no_grad()  # a measurement, no training
@@ -163,7 +163,7 @@ def train(cfg, device):
         student = load_naive_shortcut(base_path, device)
     reward = build_reward(cfg["reward"], cfg["out_dir"], device)
     ft, sched = build_finetuned(cfg, base_path, edges, device)
-    if sched.clip_x0 and cfg.get("ft_clip_grad", "hard") == "straight_through":
+    if sched.clip_x0 and cfg["ft_clip_grad"] == "straight_through":
         sched.clip_x0 = "straight_through"  # the same chain values; clipped pixels pass gradient (ddpm.clip)
     k = len(ft.groups)
     params = [p for p in ft.unet.parameters() if p.requires_grad]

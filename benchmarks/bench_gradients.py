@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 import ddpm
 from rewards import build_reward
 from sftlib import config
-from sftlib.common import UserError, pick_device, run_main
+from sftlib.common import UserError, pick_device, run_main, write_text
 from sftlib.gradstudy import cosine, full_decomposition, method_gradient
 from sftlib.models import build_finetuned, load_naive_shortcut, load_shortcut
 
@@ -219,17 +219,15 @@ def main(argv):
         for seed in range(a["inits"]):
             runs.append(study(a, folder, device, clip, seed))
             r = runs[-1]
-            with open(os.path.join(a["out"], "results.json"), "w") as f:  # after every run: a killed study keeps them
-                json.dump(dict(args=a, models=folder, wall_s=time.time() - t0, runs=runs, partial=True), f)
+            write_text(os.path.join(a["out"], "results.json"),  # after every run: a killed study keeps them
+                       json.dumps(dict(args=a, models=folder, wall_s=time.time() - t0, runs=runs, partial=True)))
             print(f"[gradients] clip {clip}, init {seed}: full norm {r['full_norm']:.3g}, "
                   + ", ".join(f"{n} {m['cos']:.3f}" for n, m in r["methods"].items())
                   + f" ({time.time() - t0:.0f} s)", flush=True)
     rows = summarise(runs)
     text = table(rows, runs)
-    with open(os.path.join(a["out"], "results.json"), "w") as f:
-        json.dump(dict(args=a, models=folder, wall_s=time.time() - t0, runs=runs), f)
-    with open(os.path.join(a["out"], "table.md"), "w") as f:
-        f.write(text + "\n")
+    write_text(os.path.join(a["out"], "results.json"), json.dumps(dict(args=a, models=folder, wall_s=time.time() - t0, runs=runs)))
+    write_text(os.path.join(a["out"], "table.md"), text + "\n")
     plots(runs, rows, a["out"])
     if a["docs"]:
         os.makedirs(a["docs"], exist_ok=True)

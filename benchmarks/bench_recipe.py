@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 
 import ddpm
 from sftlib import config
-from sftlib.common import UserError, pick_device, run_main, save_grid
+from sftlib.common import UserError, pick_device, run_main, save_grid, write_text
 from sftlib.data import DeviceBatches, load_cifar10
 from unet import build_unet
 
@@ -116,7 +116,7 @@ def main(argv):
             r["steps"] = VARIANTS[v].get("ddpm_steps") or max(1, round(a["budget_s"] / r["s_per_step"]))
             print(f"[recipe] {v}: {r['params'] / 1e6:.2f}M parameters, {r['s_per_step']:.3f} s/step "
                   f"-> {r['steps']} steps in {a['budget_s']:.0f} s", flush=True)
-            json.dump(results, open(res_path, "w"), indent=1)
+            write_text(res_path, json.dumps(results, indent=1))
 
     from sftlib.metrics import evaluate_samples, inception_metrics
     for v in names:
@@ -128,7 +128,7 @@ def main(argv):
             r["ddpm_wall_s"] = run([sys.executable, "train_ddpm.py", f"--out_dir={vdir}", f"--ddpm_steps={r['steps']}",
                                     f"--sample_every={r['steps']}", f"--ddpm_ckpt_every={max(1, r['steps'] // 4)}",
                                     "--log_every=50", "--preset=cpu"] + flags + common)
-            json.dump(results, open(res_path, "w"), indent=1)
+            write_text(res_path, json.dumps(results, indent=1))
         npz = os.path.join(vdir, "samples.npz")
         if "sample_img_per_s" not in r:
             wall = run([sys.executable, "train_toy.py", "sample", f"--ckpt={vdir}/ddpm/ckpt.pt",
@@ -142,7 +142,7 @@ def main(argv):
                      class_entropy=m["evaluator_class_entropy"])
         if v in fid_names and r.get("fid_n") != len(images):
             r.update(inception_metrics(images, judge, device))
-        json.dump(results, open(res_path, "w"), indent=1)
+        write_text(res_path, json.dumps(results, indent=1))
         print(f"[recipe] {v}: {json.dumps({k: r[k] for k in r if k != 'flags'})}", flush=True)
     print(table(results, names))
 

@@ -38,11 +38,10 @@ def chains(base, student, sched, x_T, groups):
     """States of the real DDIM-50 chain and of the short chain at the short chain's hop points, each
     as (t, x_t) with t = -1 for x_0."""
     steps = ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN)
-    marks = [groups[j][0] for j in range(1, len(groups))]  # 741, 481, 241: where the jumps start
-    ends = [g[-1] for g in groups[1:]]  # 501, 261, 1: where they land
+    cols = [groups[1][0]] + [g[-1] for g in groups[1:]] + [-1]  # x_741, where each jump lands (501, 261, 1), x_0
     real, x = {}, x_T
     for i, t in enumerate(steps):
-        if t in marks or t in ends:
+        if t in cols:
             real[t] = x
         x = base_step(base, sched, x, t, steps[i + 1] if i + 1 < len(steps) else -1)
     real[-1] = x
@@ -56,8 +55,6 @@ def chains(base, student, sched, x_T, groups):
         short[g[-1]] = x
         x = base_step(base, sched, x, g[-1], next_t(groups, j, len(g) - 1))
     short[-1] = x
-    cols = [groups[1][0]] + ends + [-1]
-    real[groups[1][0]] = real[groups[1][0]]
     return cols, real, short
 
 

@@ -8,7 +8,8 @@ ckpt.pt (kind "shortft": {unet, opt, step, config, rng, before, history, ...}, t
 lora.safetensors (the LoRA weights alone, with the config, base and edges in the metadata: for
 sharing), before_after.png (DDIM-50 samples of
 the base model, then of the fine-tuned one, from the same noise), reward.png (reward vs step),
-log.csv, eval.csv (held-out scores at the start, every --ft_eval_every steps, and at the end) and
+log.csv, eval.csv (held-out scores at the start, every --ft_eval_every steps or --ft_eval_every_s training
+seconds, and at the end) and
 metrics.json (held-out evaluator, Fréchet distance and diversity before/after).
 
     python train_shortft.py --method=draft    # this stage alone (= python train_toy.py --stages=shortft)
@@ -214,7 +215,9 @@ def train(cfg, device):
         history.append(dict(step=step, stage=p_stage, reward=r.mean().item(), grad_norm=grad_norm, ms=ms))
         stage.tick(step, cfg["ft_batch"], "ft_lr", None, loss=loss.item())  # log.csv is written at the end
         stage.bar.set_postfix(reward=f"{r.mean().item():.3f}", grad=f"{grad_norm:.2f}", ms=f"{ms:.0f}", stage=p_stage)
-        if cfg["ft_eval_every"] > 0 and step % cfg["ft_eval_every"] == 0 and budget() < 1:
+        due = (cfg["ft_eval_every"] > 0 and step % cfg["ft_eval_every"] == 0) or \
+            (cfg["ft_eval_every_s"] > 0 and train_s >= (len(curve) + 1) * cfg["ft_eval_every_s"])
+        if due and budget() < 1:
             m, x0_eval = evaluate(merge_for_sampling(ft), sched, x_eval, cfg, device)
             m["chain_gap"] = chain_gap(cfg, ft, student, sched, x_eval[:N_GAP], x0_eval[:N_GAP], p_stage)
             curve.append(point(step, train_s, m))

@@ -1,27 +1,48 @@
-"""ShortFT against the baselines at equal wall-clock compute, plus ablations and gradient norms.
+"""ShortFT against the baselines at equal wall-clock compute: each method at its own tuned learning rate,
+several seeds, bootstrap 95 % intervals, and the reward-vs-quality (Pareto) plot.
 
-    python bench_compare.py                 # every method and ablation, 2 seeds, 60 s of training each (CPU: ~20 min)
-    python bench_compare.py --quick         # a smoke run: 1 seed, 8 s each, 32 evaluation samples
-    python bench_compare.py --seconds=600 --n_eval=2000 --seeds=0,1,2   # on a GPU (one run at a time)
-    python bench_compare.py ... --fid_n=10000   # plus Inception FID/KID of 10k samples before and after (GPU)
+    python benchmarks/bench_compare.py            # 7 methods, lr grid of 3, 5 seeds, 25 s each (2-core CPU: ~30 min)
+    python benchmarks/bench_compare.py --quick    # a smoke run: 2 methods, 2 lrs, 2 seeds, 6 s each
+    python benchmarks/bench_compare.py --full     # + the ablations, 120 s each, 512 samples, eval curves (a GPU job)
+    python benchmarks/bench_compare.py --out_dir=out_classroom   # on `train_toy.py --pretrained --stages=` models
 
-Needs the trained stages in --out_dir (ddpm, shortcut, classifier/evaluator: `python train_toy.py`).
-Every run fine-tunes the same base model with the same reward for the same training seconds
-(`--ft_seconds`), in its own folder <out_dir>/compare/seed<S>/<name>/<method>, and is scored on DDIM-50
-samples of its fine-tuned model from the same fixed noise. Writes <out_dir>/compare/results.md
-and reward_vs_time.png.
+Needs the trained stages in --out_dir (ddpm, shortcut, classifier, evaluator: `python train_toy.py`, or
+`python train_toy.py --pretrained --stages=ddpm` for the classroom checkpoints). Every run fine-tunes the
+same base model with the same reward for the same training seconds (`--ft_seconds`), in its own folder
+<out_dir>/compare/seed<S>/<method>_lr<lr>/, and is scored by the held-out evaluator on DDIM-50 samples of
+its fine-tuned model from the same fixed noise (train_shortft.py: the evaluation noise is paired across
+methods and seeds; the seed changes the training noise and the LoRA initialisation).
 
-Equal compute on a CPU (*choice*): `--jobs=0` (auto) runs two fine-tuning processes side by side with one
-thread each (`--threads`), so every method gets the same one core for the same seconds. The k = 2
-and k = 8 ablations need shortcuts with other segment edges: they are distilled once, starting from
-the k = 4 shortcut (`--shortcut_init`), for `--k_shortcut_steps` steps, under <out_dir>/compare/k<k>/.
+The protocol (*choices*, stated so that every method is treated alike):
+  1. Tuning. Every method runs at every learning rate of --lrs on the --tune_seeds, which are disjoint
+     from the reported seeds (no selection bias in what is reported). The rule (choose_lr): every method
+     pays the same quality cost. Its lr is the one at which its class-matched Fréchet distance after
+     fine-tuning (mean over the tuning seeds) reaches --fd_tol times the base model's, interpolated in
+     log lr between the grid's lrs; so the reported gains are gains at (about) equal damage, one point
+     of each method's reward-quality curve. Class-matched (sftlib/metrics.class_matched): the intended
+     class shift is not counted as damage.
+  2. Reporting. Every method at its chosen lr on every seed of --seeds. Gain = after - before of the
+     held-out target rate; its mean over seeds with a percentile bootstrap 95 % interval over seeds; the
+     ShortFT / best-baseline ratio and difference with the best baseline re-chosen in every resample
+     (seeds resampled jointly for all methods), so the choice of "best" is inside the interval.
+  3. Equal compute. On a CPU, `--jobs=0` (auto) runs two one-thread processes side by side, so every run
+     has one core for the same seconds; on a GPU it runs --gpu_jobs processes side by side, submitted
+     method by method so that every wave mixes the methods.
+
+Writes <out_dir>/compare/results.md (tables), results.json (every run), pareto.png (held-out target
+rate against class-matched Fréchet distance: every tuning point and each method's reported mean with its
+intervals) and, with --eval_every_s > 0, curves.png (both along training, and ShortFT's chain_gap with and
+without P-Training). The k = 2 and k = 8 ablations (shortft_k2, shortft_k8) distil their shortcuts once,
+from the k = 4 one, under <out_dir>/compare/k<k>/.
 """
 import json
+import math
 import os
 import re
 import resource
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -34,14 +55,22 @@ import ddpm
 import train_shortft
 from rewards import build_reward
 from sftlib import config
-from sftlib.common import UserError, load_checkpoint, pick_device, plot_lines, run_main
+from sftlib.common import UserError, load_checkpoint, pick_device, run_main, write_text
 from sftlib.models import build_finetuned, load_shortcut
-from shortft import full_chain, shortft_chain
+from shortft import shortft_chain
 
-DEFAULTS = dict(out_dir="out", seconds=60.0, seeds="0,1", n_eval=128, quick=False, device="auto", jobs=0,
-                threads=1, methods="shortft,draft,draft_lv,alignprop,drtune,shortft_naive,full,full_ckpt,shortft_no_tlora,"
-                "shortft_no_ptrain,shortft_k2,shortft_k8", k_shortcut_steps=60, grad_norms=True, child_mem="",
-                fid_n=0)  # > 0: also Inception FID/KID of that many DDIM-50 samples per run (~0.4 s/image on a CPU)
+MAIN = "shortft,shortft_naive,draft,draft_lv,alignprop,drtune,full_ckpt"
+DEFAULTS = dict(out_dir="out", seconds=25.0, seeds="0,1,2,3,4", tune_seeds="100", lrs="3e-4,1e-3,3e-3",
+                fd_tol=1.25,  # the tuning rule: each method's lr is where its class-matched FD after reaches fd_tol x the base's
+                n_eval=128, quick=False, full=False, device="auto", jobs=0, gpu_jobs=1, threads=1, methods=MAIN,
+                eval_every_s=0.0,  # > 0: held-out scores every this many training seconds (curves.png, chain_gap)
+                k_shortcut_steps=60, child_mem="", fid_n=0, n_boot=2000,
+                report_only=False,  # no new runs: the report from the runs already done (a killed benchmark's)
+                child_args="")  # more train_toy.py flags for every fine-tuning run, e.g. "--ft_batch=16"
+QUICK = dict(seconds=6.0, seeds="0,1", tune_seeds="100", lrs="1e-3,3e-3", n_eval=32, methods="shortft,draft",
+             k_shortcut_steps=4)
+FULL = dict(seconds=120.0, n_eval=512, eval_every_s=20.0, lrs="1e-4,3e-4,1e-3,3e-3,1e-2",
+            methods=MAIN + ",full,shortft_no_tlora,shortft_no_ptrain,shortft_k2,shortft_k8")
 # name -> the train_toy.py overrides that make it
 RUNS = {"shortft": [], "draft": ["--method=draft"], "draft_lv": ["--method=draft_lv"],
         "alignprop": ["--method=alignprop"], "drtune": ["--method=drtune"], "shortft_naive": ["--method=shortft_naive"],
@@ -49,6 +78,7 @@ RUNS = {"shortft": [], "draft": ["--method=draft"], "draft_lv": ["--method=draft
         "full_ckpt": ["--method=full", "--full_checkpoint"],
         "shortft_no_tlora": ["--tlora=false"], "shortft_no_ptrain": ["--progressive=false"],
         "shortft_k2": [], "shortft_k8": []}  # ShortFT on a shortcut of k = 2 / 8 segments (k_of)
+CONTROLS = ("shortft_naive", "shortft_no_tlora", "shortft_no_ptrain", "shortft_k2", "shortft_k8")  # not baselines
 
 
 def k_of(name):
@@ -61,13 +91,79 @@ def method_of(name):
     return next((a.split("=")[1] for a in RUNS[name] if a.startswith("--method=")), "shortft")
 
 
+def baselines_of(names):
+    """The compared baselines: the long-chain methods (the ShortFT variants and controls are not)."""
+    return [n for n in names if n not in CONTROLS and method_of(n) != "shortft"]
+
+
+# ---- the statistics (pure functions; tests/test_compare_stats.py checks them against hand-worked cases) ----
+
+def choose_lr(points, fd_tol):
+    """The tuning rule: every method at the same quality cost. points: {lr: (target rate after,
+    class-matched FD after, class-matched FD before)}, each the mean over the tuning seeds. The bound is
+    fd_tol x the base's FD; the lr is where the method's FD after first reaches it, interpolated
+    linearly in (log lr, FD) between the two grid lrs around the crossing (2 significant digits).
+    Returns (lr, why); the grid's smallest lr if it is over the bound already, its largest if no lr
+    reaches the bound (then a wider --lrs would give the method more)."""
+    lrs = sorted(points)
+    bound = fd_tol * points[lrs[0]][2]
+    over = [i for i, lr in enumerate(lrs) if points[lr][1] > bound]
+    if not over:
+        return lrs[-1], "below the FD bound at every lr: the grid's largest"
+    i = over[0]
+    if i == 0:
+        return lrs[0], "over the FD bound at the grid's smallest lr"
+    lo, hi = lrs[i - 1], lrs[i]
+    frac = (bound - points[lo][1]) / (points[hi][1] - points[lo][1])  # in [0, 1): FD(lo) <= bound < FD(hi)
+    lr = math.exp(math.log(lo) + frac * (math.log(hi) - math.log(lo)))
+    return float(f"{lr:.2g}"), f"FD bound reached between {lo:g} and {hi:g}"
+
+
+def mean_ci(values, n_boot=2000, seed=0, level=0.95):
+    """Mean of `values` and its percentile bootstrap interval (resampling the values)."""
+    v = np.asarray(values, float)
+    idx = np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    return float(v.mean()), [float(x) for x in np.percentile(v[idx].mean(1), q)]
+
+
+def versus_best(gains, ours, baselines, n_boot=2000, seed=0, level=0.95):
+    """ShortFT against the best baseline. gains: {name: per-seed gains (same seeds, same order)}.
+    Resamples the seeds jointly, re-chooses the best baseline (highest mean gain) in every resample, and
+    returns dict(best, ratio, ratio_ci, diff, diff_ci, p_ratio_undefined): the ratio is undefined in a
+    resample where the best baseline's mean gain is <= 0 (those resamples are left out of its interval)."""
+    g = {n: np.asarray(gains[n], float) for n in [ours, *baselines]}
+    n = len(g[ours])
+    means = lambda idx: {b: g[b][idx].mean() for b in baselines}
+    full = means(np.arange(n))
+    best = max(full, key=full.get)
+    rng = np.random.default_rng(seed)
+    ratios, diffs = [], []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        m = means(idx)
+        b = max(m, key=m.get)
+        o = g[ours][idx].mean()
+        diffs.append(o - m[b])
+        if m[b] > 0:
+            ratios.append(o / m[b])
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    o = float(g[ours].mean())
+    return dict(best=best, ratio=o / full[best] if full[best] > 0 else float("nan"),
+                ratio_ci=[float(x) for x in np.percentile(ratios, q)] if ratios else [float("nan")] * 2,
+                diff=o - float(full[best]), diff_ci=[float(x) for x in np.percentile(diffs, q)],
+                p_ratio_undefined=1 - len(ratios) / n_boot)
+
+
+# ---- the runs ----
+
 def step_memory(name, out_dir, device):
     """Peak memory of one training step (stage 0) in a fresh child process: on CUDA the peak allocated
     above what was allocated before the step; on a CPU the rise of the process's peak RSS in its first
     step with gradients, over its peak after the same chain ran once without them (the warm-up). The
     warm-up must not build a graph: its peak would hide the step's (ru_maxrss never goes down)."""
 
-    cfg = config.resolve([f"--out_dir={out_dir}", *RUNS[name]], torch.cuda.is_available())
+    cfg = config.resolve([f"--out_dir={out_dir}", "--preset=cpu", *RUNS[name]], torch.cuda.is_available())
     k = k_of(name)
     shortcut = os.path.join(out_dir, "compare", f"k{k}", "shortcut") if k else os.path.join(out_dir, "shortcut")
     student, _, _, edges = load_shortcut(os.path.join(shortcut, "ckpt.pt"), device)
@@ -78,6 +174,7 @@ def step_memory(name, out_dir, device):
     with torch.no_grad():  # warm-up: the same forward calls (buffers, kernels), but no graph kept
         reward(train_shortft.method_chain(cfg, ft, student, sched, x_T, 0))
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
@@ -88,38 +185,13 @@ def step_memory(name, out_dir, device):
     return (peak - base) / 2**20
 
 
-def grad_norm_vs_chain(out_dir, device, n=8):
-    """|d reward / d LoRA| at the start of fine-tuning: full backprop through DDIM-10/20/50 vs ShortFT."""
-
-    cfg = config.resolve([f"--out_dir={out_dir}", "--lora_rank=4"], torch.cuda.is_available())
-    student, _, _, edges = load_shortcut(os.path.join(out_dir, "shortcut", "ckpt.pt"), device)
-    reward = build_reward(cfg["reward"], out_dir, device)
-    cfg["method"] = "full"  # one plain LoRA, so every chain differentiates the same parameters
-    ft, sched = build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
-    ft.unet.eval()
-    for p in ft.unet.parameters():  # a small random B so that d/dB is not a degenerate zero-LoRA case
-        if p.requires_grad and p.dim() >= 2 and p.abs().sum() == 0:
-            torch.nn.init.normal_(p, std=1e-3)
-    params = [p for p in ft.unet.parameters() if p.requires_grad]
-    x_T = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
-    rows = []
-    chains = [(f"full backprop, DDIM-{s}", lambda s=s: full_chain(ft, sched, x_T, ddpm.ddim_timesteps(sched.T, s)))
-              for s in (10, 20, 50)]
-    chains.append(("ShortFT chain (stage 0)", lambda: shortft_chain(ft, student, sched, x_T, ft.groups, 0)))
-    for name, chain in chains:
-        ft.unet.zero_grad(set_to_none=True)
-        reward(chain()).mean().backward()
-        rows.append((name, float(torch.cat([p.grad.flatten() for p in params]).norm())))
-    return rows
-
-
 @torch.no_grad()  # a measurement of the forward chain only
 def chain_fidelity(out_dir, device, n=64):
     """How close the ShortFT chain's x_0 is to the real DDIM-50 x_0 of the untuned base model from the
     same x_T (mean squared error per pixel), next to the same chain with the teacher's own one-jump
     DDIM in place of the shortcut, and to the distance between samples of different noise."""
 
-    cfg = config.resolve([f"--out_dir={out_dir}"], torch.cuda.is_available())
+    cfg = config.resolve([f"--out_dir={out_dir}", "--preset=cpu"], torch.cuda.is_available())
     student, _, _, edges = load_shortcut(os.path.join(out_dir, "shortcut", "ckpt.pt"), device)
     ft, sched = build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
     x_T = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
@@ -155,67 +227,105 @@ def shortcut_for_k(k, opts, device):
     print(f"[compare] the k = {k} shortcut: {opts['k_shortcut_steps']} steps from the k = 4 one", flush=True)
     # --resume: a complete shortcut is skipped, a killed distillation continues, a missing one starts
     call([os.path.join(ROOT, "train_toy.py"), "--stages=shortcut", f"--out_dir={out}", f"--k_segments={k}",
-          f"--shortcut_steps={opts['k_shortcut_steps']}", f"--data_root={data_root}",
+          f"--shortcut_steps={opts['k_shortcut_steps']}", f"--data_root={data_root}", "--preset=cpu",
           f"--shortcut_init={os.path.join(base, 'shortcut', 'ckpt.pt')}", f"--device={device.type}",
           "--sample_every=1000000", "--resume"], f"distilling the k = {k} shortcut")
     return os.path.join(out, "shortcut")
 
 
-def run(name, seed, opts, device):
-    """One fine-tuning run in its own out_dir, <out_dir>/compare/seed<S>/<name>, whose stage folders
-    link to the shared trained ones: runs that train the same method never share a folder."""
+def run(name, seed, lr, opts, device):
+    """One fine-tuning run in its own out_dir, <out_dir>/compare/seed<S>/<name>_lr<lr>, whose stage folders
+    link to the shared trained ones: runs never share a folder. Done runs are read back, not rerun."""
     base = os.path.abspath(opts["out_dir"])
     k = k_of(name)
-    out = os.path.join(base, "compare", f"seed{seed}", name)
+    out = os.path.join(base, "compare", f"seed{seed}", f"{name}_lr{lr:g}")
     os.makedirs(out, exist_ok=True)
     for stage in ("ddpm", "shortcut", "classifier", "evaluator"):  # the shared, already trained stages
-        if not os.path.exists(os.path.join(base, stage, "ckpt.pt")):
-            raise UserError(f"{base}/{stage}/ckpt.pt is missing: run `python train_toy.py` first")
         src = os.path.join(base, "compare", f"k{k}", stage) if stage == "shortcut" and k else os.path.join(base, stage)
         if not os.path.exists(os.path.join(out, stage)):
             os.symlink(src, os.path.join(out, stage))
     run_dir = os.path.join(out, method_of(name))  # where train_shortft writes: <out>/<method>
-    args = [f"--out_dir={out}", "--stages=shortft", f"--seed={seed}", f"--ft_seconds={opts['seconds']}",
-            f"--n_eval={opts['n_eval']}", f"--device={device.type}", "--ft_ckpt_every=1000000", *RUNS[name]]
+    args = [f"--out_dir={out}", "--stages=shortft", "--preset=cpu", f"--seed={seed}", f"--ft_lr={lr:g}",
+            f"--ft_seconds={opts['seconds']}", f"--n_eval={opts['n_eval']}", f"--device={device.type}",
+            "--ft_ckpt_every=1000000", f"--ft_eval_every_s={opts['eval_every_s']}", "--grid_ft=8", *RUNS[name],
+            *opts["child_args"].split()]
     if opts["fid_n"] > 0:
         args.append(f"--fid_n={opts['fid_n']}")
-    if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
-        print(f"[compare] {name}, seed {seed}: {opts['seconds']:.0f} s of training", flush=True)
+    stamp = os.path.join(out, "args.json")  # a finished run is reused only if it ran with these arguments
+    same = False
+    if os.path.isfile(stamp):
+        with open(stamp) as f:
+            same = json.load(f) == args
+    if not (same and os.path.isfile(os.path.join(run_dir, "metrics.json"))):
+        if opts["report_only"]:
+            return None
+        print(f"[compare] {time.strftime('%H:%M:%S')} {name}, lr {lr:g}, seed {seed}: {opts['seconds']:g} s", flush=True)
         if os.path.isdir(run_dir):  # a killed run: start it over (a time budget cannot be resumed fairly)
             for f in os.listdir(run_dir):
                 os.remove(os.path.join(run_dir, f))
-        call([os.path.join(ROOT, "train_toy.py"), *args], f"{name}, seed {seed}", env=child_env(opts))
+        call([os.path.join(ROOT, "train_toy.py"), *args], f"{name}, lr {lr:g}, seed {seed}", env=child_env(opts))
+        write_text(stamp, json.dumps(args))
     with open(os.path.join(run_dir, "metrics.json")) as f:
         m = json.load(f)
-    with open(os.path.join(run_dir, "log.csv")) as f:
-        rows = np.loadtxt(f, delimiter=",", skiprows=1, ndmin=2)  # step, stage, reward, grad_norm, ms
-    return m, rows
+    rows = np.loadtxt(os.path.join(run_dir, "log.csv"), delimiter=",", skiprows=1, ndmin=2)  # step, stage, reward, grad_norm, ms
+    return dict(name=name, seed=seed, lr=lr, steps=m["steps"], ms=m["ms_per_step_median"], before=m["before"],
+                after=m["after"], curve=m["curve"], grad_p95=float(np.percentile(rows[:, 3], 95)) if len(rows) else float("nan"),
+                grad_max=float(rows[:, 3].max()) if len(rows) else float("nan"))
 
 
-def main(argv):
-    given = config.parse_overrides(argv, DEFAULTS)
-    quick = dict(seconds=8.0, seeds="0", n_eval=32, k_shortcut_steps=4) if given.get("quick") else {}
-    opts = {**DEFAULTS, **quick, **given}  # --quick's smaller sizes, unless given explicitly
-    device = pick_device(opts["device"])
-    if opts["child_mem"]:
-        print(json.dumps(step_memory(opts["child_mem"], opts["out_dir"], device)))
-        return
+def parse_opts(argv):
+    given = config.parse_overrides(argv, DEFAULTS, description=__doc__)
+    if given.get("quick") and given.get("full"):
+        raise UserError("--quick and --full exclude each other")
+    mode = QUICK if given.get("quick") else FULL if given.get("full") else {}
+    opts = {**DEFAULTS, **mode, **given}  # the mode's sizes, unless given explicitly
     names = opts["methods"].split(",")
     bad = [n for n in names if n not in RUNS]
     if bad:
         raise UserError(f"unknown method {bad[0]!r}: choose from {', '.join(RUNS)}")
+
+    def ints(key):
+        try:
+            v = [int(s) for s in opts[key].split(",")]
+        except ValueError:
+            raise UserError(f"--{key} must be a comma list of integers, e.g. 0,1,2; got {opts[key]!r}") from None
+        if not v or min(v) < 0:
+            raise UserError(f"--{key} must be non-negative integers, got {opts[key]!r}")
+        return v
+    seeds, tune = ints("seeds"), ints("tune_seeds")
+    if len(seeds) < 1:
+        raise UserError("--seeds needs at least 1 seed")
+    if set(seeds) & set(tune):
+        raise UserError(f"--tune_seeds must be disjoint from --seeds (the reported runs): both hold "
+                        f"{sorted(set(seeds) & set(tune))}")
     try:
-        seeds = [int(s) for s in opts["seeds"].split(",")]
+        lrs = sorted({float(s) for s in opts["lrs"].split(",")})
     except ValueError:
-        raise UserError(f"--seeds must be a comma list of integers, e.g. 0,1,2; got {opts['seeds']!r}") from None
-    if not seeds or min(seeds) < 0:
-        raise UserError(f"--seeds must be non-negative integers, got {opts['seeds']!r}")
-    if opts["jobs"] == 0:  # auto: two one-thread runs side by side on a CPU, one run at a time on a GPU
-        opts["jobs"] = 2 if device.type == "cpu" else 1
-    if opts["jobs"] < 1 or opts["threads"] < 1:
-        raise UserError("--jobs and --threads must be at least 1 (--jobs=0: 2 on a CPU, 1 on a GPU)")
-    for k in sorted({k_of(n) for n in names if k_of(n)}):  # the k-ablation shortcuts first (all cores)
-        shortcut_for_k(k, opts, device)
+        raise UserError(f"--lrs must be a comma list of learning rates, e.g. 1e-4,3e-4,1e-3; got {opts['lrs']!r}") from None
+    if not lrs or min(lrs) <= 0 or not all(math.isfinite(x) for x in lrs):
+        raise UserError(f"--lrs must be positive finite learning rates, got {opts['lrs']!r}")
+    if opts["seconds"] <= 0 or opts["n_eval"] < 2 or opts["fd_tol"] <= 0 or opts["n_boot"] < 100:
+        raise UserError("--seconds and --fd_tol must be > 0, --n_eval >= 2, --n_boot >= 100")
+    if opts["jobs"] < 0 or opts["gpu_jobs"] < 1 or opts["threads"] < 1:
+        raise UserError("--jobs must be >= 0 (0: 2 on a CPU, --gpu_jobs on a GPU), --gpu_jobs and --threads >= 1")
+    return opts, names, seeds, tune, lrs
+
+
+def main(argv):
+    opts, names, seeds, tune, lrs = parse_opts(argv)
+    device = pick_device(opts["device"])
+    if opts["child_mem"]:
+        print(json.dumps(step_memory(opts["child_mem"], opts["out_dir"], device)))
+        return
+    for stage in ("ddpm", "shortcut", "classifier", "evaluator"):
+        if not os.path.isfile(os.path.join(opts["out_dir"], stage, "ckpt.pt")):
+            raise UserError(f"{opts['out_dir']}/{stage}/ckpt.pt is missing: run `python train_toy.py` "
+                            f"(or `python train_toy.py --pretrained --stages=ddpm`) with this --out_dir first")
+    if opts["jobs"] == 0:
+        opts["jobs"] = 2 if device.type == "cpu" else opts["gpu_jobs"]
+    t_start = time.time()
+    for k in sorted({k_of(n) for n in names if k_of(n)} if not opts["report_only"] else ()):
+        shortcut_for_k(k, opts, device)  # the k-ablation shortcuts first (all cores)
     if opts["fid_n"] > 0:  # fail early without the Inception weights; the test split's statistics once for all runs
         from sftlib import fid, metrics
         try:
@@ -223,67 +333,205 @@ def main(argv):
             metrics.fid_reference(opts["out_dir"], device)
         except fid.FIDError as e:
             raise UserError(str(e)) from None
-    # the runs are independent: --jobs of them at a time, each on --threads threads
-    with ThreadPoolExecutor(opts["jobs"]) as pool:
-        futures = {(n, s): pool.submit(run, n, s, opts, device) for n in names for s in seeds}
-        results = {n: [futures[n, s].result() for s in seeds] for n in names}
-    lines = [f"Equal compute: {opts['seconds']:.0f} s of fine-tuning per run on {device} ({opts['jobs']} runs at a "
-             f"time, {opts['threads']} thread(s) each), seeds {seeds}, scored on {opts['n_eval']} DDIM-50 samples of "
-             f"the fine-tuned base model (medians over seeds; gain = after - before, per seed in brackets).", "",
-             "| method | steps | ms/step | step peak MiB | grad norm (median) | held-out target rate before → after "
-             "| gain | held-out log p(target) after | reward after | Fréchet dist. before → after | diversity |"
-             + (f" Inception FID ({opts['fid_n']}) before → after | KID after |" if opts["fid_n"] > 0 else ""),
-             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if opts["fid_n"] > 0 else "")]
-    def child_mem(n):  # one training step's peak memory, measured in a fresh process per method
-        p = subprocess.run([sys.executable, __file__, f"--child_mem={n}", f"--out_dir={opts['out_dir']}",
-                            f"--device={device.type}"], capture_output=True, text=True, cwd=ROOT,
-                           env=child_env(opts))
-        return float(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else float("nan")
 
-    with ThreadPoolExecutor(opts["jobs"] if device.type == "cpu" else 1) as pool:  # one GPU: one at a time
-        mems = dict(zip(results, pool.map(child_mem, results)))
-    gains = {}
-    for n, runs in results.items():
-        med = lambda f: float(np.median([f(m, r) for m, r in runs]))
-        mem = mems[n]
-        b, a = runs[0][0]["before"], lambda m: m["after"]
-        gains[n] = med(lambda m, r: a(m)["evaluator_target_rate"] - b["evaluator_target_rate"])
-        per_seed = " ".join(f"{m['after']['evaluator_target_rate'] - b['evaluator_target_rate']:+.3f}" for m, _ in runs)
-        lines.append(f"| {n} | {med(lambda m, r: m['steps']):.0f} | {med(lambda m, r: m['ms_per_step_median']):.0f} "
-                     f"| {mem:.0f} | {med(lambda m, r: np.median(r[:, 3])):.3g} "
-                     f"| {b['evaluator_target_rate']:.3f} → {med(lambda m, r: a(m)['evaluator_target_rate']):.3f} "
-                     f"| {gains[n]:+.3f} ({per_seed}) "
-                     f"| {b['evaluator_mean_logp_target']:.2f} → "
-                     f"{med(lambda m, r: a(m)['evaluator_mean_logp_target']):.2f} | {med(lambda m, r: a(m)['reward_mean']):.3f} "
-                     f"| {b['fd']:.2f} → {med(lambda m, r: a(m)['fd']):.2f} "
-                     f"| {b.get('diversity', float('nan')):.2f} → {med(lambda m, r: a(m).get('diversity', float('nan'))):.2f} |"
-                     + (f" {b['fid']:.2f} → {med(lambda m, r: a(m)['fid']):.2f} | {med(lambda m, r: a(m)['kid']):.4f} |"
-                        if opts["fid_n"] > 0 else ""))
-    baselines = [n for n in gains if method_of(n) != "shortft"]
-    if "shortft" in gains and baselines:
-        best = max(baselines, key=gains.get)
-        lines += ["", f"ShortFT's gain / the best baseline's ({best}): {gains['shortft']:+.3f} / {gains[best]:+.3f}"
-                  + (f" = {gains['shortft'] / gains[best]:.2f}x" if gains[best] > 0 else "")]
-    if opts["grad_norms"]:
-        lines += ["", "Gradient norm of the reward w.r.t. the LoRA at initialisation (8 samples):", "",
-                  "| chain | grad norm |", "|---|---|"]
-        lines += [f"| {name} | {g:.4g} |" for name, g in grad_norm_vs_chain(opts["out_dir"], device)]
+    def batch(jobs):  # jobs: [(name, seed, lr)], submitted in this order (waves mix the methods)
+        with ThreadPoolExecutor(opts["jobs"]) as pool:
+            futs = [pool.submit(run, n, s, lr, opts, device) for n, s, lr in jobs]
+            return [r for r in (f.result() for f in futs) if r is not None]  # None: not run (--report_only)
+
+    chosen, tuning = {}, []
+    if len(lrs) > 1:  # 1. tuning, on the tuning seeds
+        tuning = batch([(n, s, lr) for s in tune for lr in lrs for n in names])
+        for n in names:
+            pts = {}
+            for lr in lrs:
+                rs = [r for r in tuning if r["name"] == n and r["lr"] == lr]
+                if not rs:
+                    raise UserError(f"--report_only: the tuning run of {n} at lr {lr:g} is missing")
+                pts[lr] = tuple(float(np.mean([f(r) for r in rs])) for f in (
+                    lambda r: r["after"]["evaluator_target_rate"], lambda r: r["after"]["fd_matched"],
+                    lambda r: r["before"]["fd_matched"]))
+            chosen[n] = choose_lr(pts, opts["fd_tol"])
+    else:
+        chosen = {n: (lrs[0], "the only lr given") for n in names}
+    t_tuned = time.time()
+    reported = batch([(n, s, chosen[n][0]) for s in seeds for n in names])  # 2. the reported runs
+    if opts["report_only"]:  # a killed benchmark: the seeds every method finished, so that gains stay paired
+        seeds = [s for s in seeds if all(any(r["name"] == n and r["seed"] == s for r in reported) for n in names)]
+        if not seeds:
+            raise UserError("--report_only: no seed has a finished run of every method yet")
+        reported = [r for r in reported if r["seed"] in seeds]
+    t_done = time.time()
+    mems = child_mems(names, opts, device) if not opts["report_only"] else {n: float("nan") for n in names}
+    fidelity = chain_fidelity(opts["out_dir"], device)
+    res = dict(opts=opts, device=str(device), seeds=seeds, tune_seeds=tune, lrs=lrs,
+               chosen={n: dict(lr=c[0], why=c[1]) for n, c in chosen.items()}, tuning=tuning, reported=reported,
+               step_peak_mib=mems, chain_fidelity=fidelity,
+               wall_s=dict(tuning=t_tuned - t_start, reported=t_done - t_tuned, total=time.time() - t_start))
+    res["summary"] = summarise(res, names, opts)
+    write_text(os.path.join(opts["out_dir"], "compare", "results.json"), json.dumps(res, indent=1))
+    report = render(res, names, opts)
+    write_text(os.path.join(opts["out_dir"], "compare", "results.md"), report + "\n")
+    print(report)
+    pareto(res, names, os.path.join(opts["out_dir"], "compare", "pareto.png"))
+    if opts["eval_every_s"] > 0:
+        curves(res, names, os.path.join(opts["out_dir"], "compare", "curves.png"))
+    print(f"\nwritten: {os.path.join(opts['out_dir'], 'compare')}/results.md, results.json, pareto.png")
+
+
+def child_mems(names, opts, device):
+    """One training step's peak memory per method, each in a fresh process, --jobs at a time (a peak
+    RSS and CUDA's allocator both count per process)."""
+    def one(n):
+        p = subprocess.run([sys.executable, __file__, f"--child_mem={n}", f"--out_dir={opts['out_dir']}",
+                            f"--device={device.type}"], capture_output=True, text=True, cwd=ROOT, env=child_env(opts))
+        return float(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else float("nan")
+    with ThreadPoolExecutor(opts["jobs"]) as pool:
+        return dict(zip(names, pool.map(one, names)))
+
+
+def nanmean(v):
+    """The mean of the finite values; NaN (without a warning) when there are none."""
+    v = np.asarray(v, float)
+    return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")
+
+
+def summarise(res, names, opts):
+    """Per method over the reported seeds: means with bootstrap intervals; ShortFT vs the best baseline."""
+    s = {}
+    for n in names:
+        rs = sorted((r for r in res["reported"] if r["name"] == n), key=lambda r: r["seed"])
+        a = lambda key: [r["after"].get(key, float("nan")) for r in rs]  # fd_target: absent if no sample is the target
+        gain = [r["after"]["evaluator_target_rate"] - r["before"]["evaluator_target_rate"] for r in rs]
+        s[n] = dict(lr=res["chosen"][n]["lr"], steps=float(np.median([r["steps"] for r in rs])),
+                    ms=float(np.median([r["ms"] for r in rs])), gain=gain,
+                    gain_mean_ci=mean_ci(gain, opts["n_boot"]),
+                    logp_gain_mean_ci=mean_ci([r["after"]["evaluator_mean_logp_target"] - r["before"]["evaluator_mean_logp_target"]
+                                               for r in rs], opts["n_boot"]),
+                    rate_after_mean_ci=mean_ci(a("evaluator_target_rate"), opts["n_boot"]),
+                    fd_matched_after_mean_ci=mean_ci(a("fd_matched"), opts["n_boot"]),
+                    fd_target_after_mean=nanmean(a("fd_target")),
+                    diversity_target_after_mean=nanmean(a("diversity_target")),
+                    reward_after_mean=float(np.mean(a("reward_mean"))),
+                    grad_p95_median=float(np.median([r["grad_p95"] for r in rs])),
+                    grad_max=float(max(r["grad_max"] for r in rs)),
+                    chain_gap_after_mean=nanmean(a("chain_gap")))
+    base = [n for n in baselines_of(names)]
+    if "shortft" in names and base:
+        s["versus_best"] = versus_best({n: s[n]["gain"] for n in names}, "shortft", base, opts["n_boot"])
+    return s
+
+
+def render(res, names, opts):
+    s, before = res["summary"], res["reported"][0]["before"]
+    ci = lambda mc, f="{:+.3f}": f"{f.format(mc[0])} [{f.format(mc[1][0])}, {f.format(mc[1][1])}]"
+    w = res["wall_s"]
+    lines = [f"Equal compute: {opts['seconds']:g} s of fine-tuning per run on {res['device']} ({opts['jobs']} runs at a "
+             f"time, {opts['threads']} thread(s) each on a CPU), {len(res['seeds'])} reported seeds {res['seeds']}, "
+             f"scored on {opts['n_eval']} DDIM-50 samples of each fine-tuned model from the same fixed noise. "
+             f"Means over seeds, bootstrap 95 % intervals over seeds. Wall time: {w['tuning'] / 60:.1f} min tuning + "
+             f"{w['reported'] / 60:.1f} min reported runs, {w['total'] / 60:.1f} min in all.", "",
+             f"Base model: held-out target rate {before['evaluator_target_rate']:.3f}, class-matched FD "
+             f"{before['fd_matched']:.2f} (floor {before.get('fd_matched_floor', float('nan')):.2f}), within-target FD "
+             f"{before.get('fd_target', float('nan')):.2f}, target diversity {before.get('diversity_target', float('nan')):.2f}.", "",
+             "| method | lr | steps | ms/step | step peak MiB | grad norm p95 / max | held-out target rate gain "
+             "| log p(target) gain | class-matched FD after | within-target FD | target diversity | reward after "
+             "| chain_gap after |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        r = s[n]
+        lines.append(f"| {n} | {r['lr']:g} | {r['steps']:.0f} | {r['ms']:.0f} | {res['step_peak_mib'][n]:.0f} "
+                     f"| {r['grad_p95_median']:.3g} / {r['grad_max']:.3g} | {ci(r['gain_mean_ci'])} "
+                     f"| {ci(r['logp_gain_mean_ci'], '{:+.2f}')} | {ci(r['fd_matched_after_mean_ci'], '{:.2f}')} "
+                     f"| {r['fd_target_after_mean']:.2f} | {r['diversity_target_after_mean']:.2f} "
+                     f"| {r['reward_after_mean']:.3f} | {r['chain_gap_after_mean']:.4f} |")
+    if "versus_best" in s:
+        v = s["versus_best"]
+        lines += ["", f"ShortFT against the best baseline ({v['best']}, re-chosen in every resample): difference of "
+                  f"gains {ci((v['diff'], v['diff_ci']))}; ratio {v['ratio']:.2f} "
+                  f"[{v['ratio_ci'][0]:.2f}, {v['ratio_ci'][1]:.2f}]"
+                  + (f" (undefined in {v['p_ratio_undefined']:.0%} of the resamples, where the best baseline's gain "
+                     f"was <= 0)" if v["p_ratio_undefined"] > 0 else "")]
+    if res["tuning"]:
+        lines += ["", f"Tuning on seeds {res['tune_seeds']} (the rule: the lr at which the class-matched FD after "
+                  f"reaches {opts['fd_tol']:g}x the base's, interpolated in log lr). Each cell: target rate after / "
+                  f"class-matched FD after.", "",
+                  "| method | " + " | ".join(f"lr {lr:g}" for lr in res["lrs"]) + " | chosen lr |",
+                  "|---|" + "---|" * (len(res["lrs"]) + 1)]
+        for n in names:
+            cells = []
+            for lr in res["lrs"]:
+                rs = [r for r in res["tuning"] if r["name"] == n and r["lr"] == lr]
+                t = np.mean([r["after"]["evaluator_target_rate"] for r in rs])
+                f = np.mean([r["after"]["fd_matched"] for r in rs])
+                cells.append(f"{t:.3f} / {f:.2f}")
+            c = res["chosen"][n]
+            lines.append(f"| {n} | " + " | ".join(cells) + f" | {c['lr']:g} ({c['why']}) |")
     lines += ["", "Fidelity of the short chain: MSE to the untuned base model's DDIM-50 x_0 from the same x_T "
               "(64 samples):", "", "| chain | MSE |", "|---|---|"]
-    lines += [f"| {name} | {v:.4f} |" for name, v in chain_fidelity(opts["out_dir"], device)]
-    report = "\n".join(lines)
-    print(report)
-    path = os.path.join(opts["out_dir"], "compare", "results.md")
-    with open(path, "w") as f:
-        f.write(report + "\n")
-    plot(results, os.path.join(opts["out_dir"], "compare", "reward_vs_time.png"))
-    print(f"\nwritten: {path}")
+    lines += [f"| {name} | {v:.4f} |" for name, v in res["chain_fidelity"]]
+    return "\n".join(lines)
 
 
-def plot(results, path):
-    """Batch reward against training seconds, one line per run (its first seed)."""
-    plot_lines({n: (np.cumsum(runs[0][1][:, 4]) / 1000, runs[0][1][:, 2]) for n, runs in results.items()}, path,
-               "training seconds", "batch reward", smooth=10)
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def pareto(res, names, path):
+    """Held-out target rate (up: more of the target) against class-matched FD (right: more damage): every
+    tuning run (small, joined by lr) and each method's reported mean with its 95 % intervals."""
+    from sftlib.common import atomic_path
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    b = res["reported"][0]["before"]
+    ax.scatter([b["fd_matched"]], [b["evaluator_target_rate"]], marker="*", s=200, color="k", label="base model", zorder=5)
+    ax.axvline(res["opts"]["fd_tol"] * b["fd_matched"], ls="--", color="gray", lw=1,
+               label=f"tuning rule's FD bound ({res['opts']['fd_tol']:g}x the base's)")
+    for n in names:
+        s = res["summary"][n]
+        pts = [(np.mean([r["after"]["fd_matched"] for r in res["tuning"] if r["name"] == n and r["lr"] == lr]),
+                np.mean([r["after"]["evaluator_target_rate"] for r in res["tuning"] if r["name"] == n and r["lr"] == lr]))
+               for lr in res["lrs"] if any(r["name"] == n and r["lr"] == lr for r in res["tuning"])]
+        (x, xc), (y, yc) = s["fd_matched_after_mean_ci"], s["rate_after_mean_ci"]
+        eb = ax.errorbar([x], [y], xerr=[[x - xc[0]], [xc[1] - x]], yerr=[[y - yc[0]], [yc[1] - y]], fmt="o", ms=7,
+                         capsize=3, label=f"{n} (lr {s['lr']:g})")
+        if pts:
+            ax.plot(*zip(*pts), ":", marker=".", color=eb[0].get_color(), alpha=0.6)
+    ax.set_xlabel("class-matched Fréchet distance after (evaluator features; lower = less damage)")
+    ax.set_ylabel("held-out target rate after")
+    ax.set_title("reward vs quality: reported mean ± 95 % CI; dotted: the lr grid (tuning seeds)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def curves(res, names, path):
+    """Along training (eval.csv points, mean over the reported seeds): the held-out target rate, the
+    class-matched FD and, for the ShortFT runs, chain_gap."""
+    from sftlib.common import atomic_path
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for n in names:
+        rs = [r for r in res["reported"] if r["name"] == n]
+        m = min(len(r["curve"]) for r in rs)
+        t = np.mean([[c["train_s"] for c in r["curve"][:m]] for r in rs], 0)
+        for ax, key in zip(axes, ("target_rate", "fd_matched", "chain_gap")):
+            y = np.array([[c.get(key, float("nan")) for c in r["curve"][:m]] for r in rs], float)
+            if np.isfinite(y).any():
+                ax.plot(t, np.nanmean(y, 0), marker=".", label=n)
+    for ax, lab in zip(axes, ("held-out target rate", "class-matched FD", "chain_gap (ShortFT chain x_0 vs real DDIM-50 x_0)")):
+        ax.set_xlabel("training seconds")
+        ax.set_ylabel(lab)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
 
 
 if __name__ == "__main__":

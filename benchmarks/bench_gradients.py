@@ -6,6 +6,7 @@ none. No training: every gradient is taken at the LoRA's initialisation (B = 0, 
     python benchmarks/bench_gradients.py                           # the classroom checkpoints (hours on a CPU: a GPU job)
     python benchmarks/bench_gradients.py --models=out              # a CPU-preset pipeline run: ~30 min on 2 CPU cores
     python benchmarks/bench_gradients.py --n=16 --inits=1 --clips=hard   # a quick look
+    python benchmarks/bench_gradients.py --from_results=a/results.json,b/results.json --out=OUT   # merge studies
 
 DRaFT-K is not run as a method: its gradient is exactly the sum of the last K calls' shares of the
 full gradient (tests/test_gradstudy.py), so the depth sweep gives every K, K = 1 included, for free.
@@ -36,7 +37,8 @@ from sftlib.models import build_finetuned, load_naive_shortcut, load_shortcut
 
 DEFAULTS = dict(models="", reward="classifier:ship", n=64, batch=16, inits=3, clips="hard,straight_through,none",
                 methods="draft_lv,alignprop,drtune,shortft,shortft_naive", lora_rank=4, out="out/bench_gradients",
-                docs="", device="cpu", threads=0)
+                docs="", device="cpu", threads=0,
+                from_results="")  # a comma list of results.json (killed or split studies): their runs merged, no new ones
 CLIPS = {"hard": True, "straight_through": "straight_through", "none": False}
 METHODS = ("draft", "draft_lv", "alignprop", "drtune", "shortft", "shortft_naive")
 # UNet calls on the gradient path of one sample (LoRA calls, plus frozen shortcut calls for ShortFT)
@@ -211,10 +213,21 @@ def main(argv):
         raise UserError("--n, --batch and --inits must be at least 1")
     if a["threads"] > 0:
         torch.set_num_threads(a["threads"])
-    device = pick_device(a["device"])
     os.makedirs(a["out"], exist_ok=True)
-    folder = models_dir(a)
     runs, t0 = [], time.time()
+    if a["from_results"]:  # the table and plots of runs measured before (each file's runs, in order)
+        folder, clips = "", []
+        for path in a["from_results"].split(","):
+            try:
+                with open(path) as f:
+                    runs += json.load(f)["runs"]
+            except (OSError, ValueError, KeyError) as e:
+                raise UserError(f"--from_results: cannot read runs from {path!r} ({type(e).__name__})") from None
+        if not runs:
+            raise UserError("--from_results: the files hold no runs")
+    else:
+        device = pick_device(a["device"])
+        folder = models_dir(a)
     for clip in clips:
         for seed in range(a["inits"]):
             runs.append(study(a, folder, device, clip, seed))

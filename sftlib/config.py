@@ -95,6 +95,7 @@ DEFAULTS = dict(
     n_eval=256,  # DDIM-50 samples from fixed noise, scored before and after fine-tuning
     ft_ckpt_every=20,
     ft_eval_every=0,  # > 0: also score DDIM-50 samples every this many steps (eval.csv: the reward/quality curve)
+    ft_eval_every_s=0.0,  # > 0: ... or every this many training seconds (curves of equal-time runs share their x)
     method="shortft",  # shortft | shortft_naive | draft | draft_lv | alignprop | drtune | full: where the gradient is cut (shortft.py)
     draft_k=1,  # DRaFT-K: the last K of the 50 steps carry gradient
     lv_n=2,  # DRaFT-LV: re-noised copies of sg(x_0), each taking the last step with gradient
@@ -159,7 +160,7 @@ AT_LEAST_1 = ("ddpm_steps", "ddpm_batch", "ddpm_warmup", "ddpm_ckpt_every", "log
               "cls_batch", "cls_ckpt_every", "k_segments", "shortcut_steps", "shortcut_batch", "shortcut_ckpt_every",
               "ft_steps", "ft_batch", "lora_rank", "ft_ckpt_every", "draft_k", "lv_n", "grid_ddpm", "grid_shortcut",
               "grid_ft", "sample_batch", "fid_ref_n")
-AT_LEAST_0 = ("n_boot", "ddpm_min_snr", "n_train", "n_test", "seed", "ft_seconds", "ft_eval_every", "cls_weight_decay", "alignprop_min", "fid_n")
+AT_LEAST_0 = ("n_boot", "ddpm_min_snr", "n_train", "n_test", "seed", "ft_seconds", "ft_eval_every", "ft_eval_every_s", "cls_weight_decay", "alignprop_min", "fid_n")
 POSITIVE = ("ddpm_lr", "cls_lr", "shortcut_lr", "ft_lr", "ddpm_grad_clip", "shortcut_grad_clip", "ft_grad_clip",
             "lora_alpha", "ft_reward_scale", "beta_1")  # a clip <= 0 zeroes or reverses the gradient
 IN_0_1 = ("ddpm_ema", "shortcut_ema", "cd_target_ema", "teacher_chain_frac")  # probabilities and EMA rates

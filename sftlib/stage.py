@@ -32,11 +32,12 @@ from sftlib.common import (CKPT_KEYS, UserError, load_checkpoint, open_log, pick
 # budgets, the learning rates (to go on after a NaN with a lower one) and the run's plumbing.
 RESUME_MAY_CHANGE = ("ddpm_steps", "shortcut_steps", "classifier_steps", "evaluator_steps", "ft_steps", "ft_seconds",
                      "ddpm_lr", "shortcut_lr", "cls_lr", "ft_lr", "log_every", "sample_every", "ddpm_ckpt_every",
-                     "shortcut_ckpt_every", "cls_ckpt_every", "ft_ckpt_every", "ft_eval_every", "bf16", "compile",
+                     "shortcut_ckpt_every", "cls_ckpt_every", "ft_ckpt_every", "ft_eval_every", "ft_eval_every_s", "bf16", "compile",
                      "resume", "device", "stages", "preset", "out_dir", "data_root", "grid_ddpm", "grid_shortcut",
                      "grid_ft", "sample_batch", "fid_n", "fid_ref_n", "pretrained")
 # keys added after checkpoints were written without them: such a checkpoint ran with these values
-LEGACY = dict(eps_skip=False, ddpm_min_snr=0.0, ddpm_lr_schedule="constant", ft_clip_grad="hard", ptrain_t1_stage=True)
+LEGACY = dict(eps_skip=False, ddpm_min_snr=0.0, ddpm_lr_schedule="constant", ft_clip_grad="hard", ptrain_t1_stage=True,
+              ft_eval_every_s=0.0)
 # ... and these always come from the current command, never from the checkpoint: a copied or moved
 # run reads and writes where it is now
 RESUME_FROM_COMMAND = ("out_dir", "data_root", "device", "resume", "stages")

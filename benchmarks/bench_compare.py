@@ -1,9 +1,9 @@
 """ShortFT against the baselines at equal wall-clock compute: each method at its own tuned learning rate,
 several seeds, bootstrap 95 % intervals, and the reward-vs-quality (Pareto) plot.
 
-    python benchmarks/bench_compare.py            # 7 methods, lr grid of 3, 5 seeds, 25 s each (2-core CPU: ~30 min)
+    python benchmarks/bench_compare.py            # 6 methods, lr grid of 3, 5 seeds, 25 s each (2-core CPU: ~28 min)
     python benchmarks/bench_compare.py --quick    # a smoke run: 2 methods, 2 lrs, 2 seeds, 6 s each
-    python benchmarks/bench_compare.py --full     # + the ablations, 120 s each, 512 samples, eval curves (a GPU job)
+    python benchmarks/bench_compare.py --full     # + full backprop and the ablations, 120 s each, 512 samples, eval curves
     python benchmarks/bench_compare.py --out_dir=out_classroom   # on `train_toy.py --pretrained --stages=` models
 
 Needs the trained stages in --out_dir (ddpm, shortcut, classifier, evaluator: `python train_toy.py`, or
@@ -59,7 +59,7 @@ from sftlib.common import UserError, load_checkpoint, pick_device, run_main, wri
 from sftlib.models import build_finetuned, load_shortcut
 from shortft import shortft_chain
 
-MAIN = "shortft,shortft_naive,draft,draft_lv,alignprop,drtune,full_ckpt"
+MAIN = "shortft,shortft_naive,draft,draft_lv,alignprop,drtune"  # full backprop: 3 steps in 25 s on a core, in --full
 DEFAULTS = dict(out_dir="out", seconds=25.0, seeds="0,1,2,3,4", tune_seeds="100", lrs="3e-4,1e-3,3e-3",
                 fd_tol=1.25,  # the tuning rule: each method's lr is where its class-matched FD after reaches fd_tol x the base's
                 n_eval=128, quick=False, full=False, device="auto", jobs=0, gpu_jobs=1, threads=1, methods=MAIN,
@@ -70,7 +70,7 @@ DEFAULTS = dict(out_dir="out", seconds=25.0, seeds="0,1,2,3,4", tune_seeds="100"
 QUICK = dict(seconds=6.0, seeds="0,1", tune_seeds="100", lrs="1e-3,3e-3", n_eval=32, methods="shortft,draft",
              k_shortcut_steps=4)
 FULL = dict(seconds=120.0, n_eval=512, eval_every_s=20.0, lrs="1e-4,3e-4,1e-3,3e-3,1e-2",
-            methods=MAIN + ",full,shortft_no_tlora,shortft_no_ptrain,shortft_k2,shortft_k8")
+            methods=MAIN + ",full_ckpt,full,shortft_no_tlora,shortft_no_ptrain,shortft_k2,shortft_k8")
 # name -> the train_toy.py overrides that make it
 RUNS = {"shortft": [], "draft": ["--method=draft"], "draft_lv": ["--method=draft_lv"],
         "alignprop": ["--method=alignprop"], "drtune": ["--method=drtune"], "shortft_naive": ["--method=shortft_naive"],

@@ -55,7 +55,7 @@ import ddpm
 import train_shortft
 from rewards import build_reward
 from sftlib import config
-from sftlib.common import UserError, load_checkpoint, pick_device, run_main, write_text
+from sftlib.common import UserError, load_checkpoint, pick_device, pyplot, run_main, save_figure, write_text
 from sftlib.models import build_finetuned, load_shortcut
 from shortft import shortft_chain
 
@@ -472,20 +472,10 @@ def render(res, names, opts):
     return "\n".join(lines)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def pareto(res, names, path):
     """Held-out target rate (up: more of the target) against class-matched FD (right: more damage): every
     tuning run (small, joined by lr) and each method's reported mean with its 95 % intervals."""
-    from sftlib.common import atomic_path
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = pyplot().subplots(figsize=(7, 5))
     b = res["reported"][0]["before"]
     ax.scatter([b["fd_matched"]], [b["evaluator_target_rate"]], marker="*", s=200, color="k", label="base model", zorder=5)
     ax.axvline(res["opts"]["fd_tol"] * b["fd_matched"], ls="--", color="gray", lw=1,
@@ -504,18 +494,13 @@ def pareto(res, names, path):
     ax.set_ylabel("held-out target rate after")
     ax.set_title("reward vs quality: reported mean ± 95 % CI; dotted: the lr grid (tuning seeds)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def curves(res, names, path):
     """Along training (eval.csv points, mean over the reported seeds): the held-out target rate, the
     class-matched FD and, for the ShortFT runs, chain_gap."""
-    from sftlib.common import atomic_path
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4))
     for n in names:
         rs = [r for r in res["reported"] if r["name"] == n]
         m = min(len(r["curve"]) for r in rs)
@@ -528,10 +513,7 @@ def curves(res, names, path):
         ax.set_xlabel("training seconds")
         ax.set_ylabel(lab)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

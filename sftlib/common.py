@@ -253,14 +253,26 @@ def open_log(out, header, fresh, keep_upto=None):
     return log, fresh
 
 
-def plot_lines(series, path, xlabel, ylabel, smooth=20):
-    """A PNG of named lines {label: (x, y)} and their running means (a window of len / smooth points)."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (imported here: only the plots need it)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    return plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def save_figure(fig, path, dpi=100):
+    """Lay out, write `fig` to `path` as a PNG atomically, and close it."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    pyplot().close(fig)
+
+
+def plot_lines(series, path, xlabel, ylabel, smooth=20):
+    """A PNG of named lines {label: (x, y)} and their running means (a window of len / smooth points)."""
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for label, (x, y) in series.items():
         x, y = np.asarray(x, float), np.asarray(y, float)
         w = max(1, len(y) // smooth)
@@ -269,7 +281,4 @@ def plot_lines(series, path, xlabel, ylabel, smooth=20):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path)

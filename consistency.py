@@ -11,7 +11,7 @@ the same thing at toy scale from our own DDPM teacher:
   maps x_t to the teacher's trajectory point at the next edge strictly below t (edge_of), or to
   x_0 below the last edge. So from an edge it jumps to the next edge (761 -> 501), and from the
   step after an edge it gives the ShortFT shortcuts 741 -> 501, 481 -> 261, 241 -> 1.
-- Parameterisation (*choice*, PAPER.md Sec. 4.2): the student predicts eps, like the teacher it is
+- Parameterisation (*choice*, PAPER.md Sec. 4, item 2): the student predicts eps, like the teacher it is
   initialised from, and jumps with the DDIM formula from t to the edge (`jump`). At t = edge the
   jump is the identity, so the boundary condition S(x_s, s -> s) = x_s holds exactly.
 - Training (Song et al. 2023, "Consistency Models", Algorithm 2, with the segment edge as the

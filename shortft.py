@@ -9,7 +9,7 @@ the edges s_j (k = 4: 761, 501, 261, 1). One ShortFT sample, as in the diagram o
         --[shortcut 241->1  ]--> x_1   --(base step at 1, LoRA 1+2+3+4)--> x_0 --> r(x_0)
 
 - The shortcut (consistency.py, trained by train_shortcut.py) is frozen; the gradient passes through its input x_t.
-- The gradient reaches the base model's trainable LoRA through ~2k network calls instead of 50.
+- The gradient reaches the base model's trainable LoRA through 2k - 1 network calls instead of 50 (7 for k = 4).
 - Timestep-aware LoRA (T-LoRA): k LoRAs, LoRA j stacked on LoRA j-1 (lora.py), used from its
   segment's last timestep on (FineTuned.stack); the same rule holds at inference.
 - Progressive training (P-Training): k stages; in stage i (0-based here) LoRAs i..k-1 train,
@@ -80,8 +80,8 @@ def ptrain_stage(k, done, t1_stage=False):
     --ft_seconds equal seconds, so the later stages, whose steps run more real steps, get fewer steps).
     The last stage (k - 1) is skipped unless t1_stage: there only LoRA k trains, and only its call at
     t = 1 carries gradient, where x_0 = (x_1 - sqrt(1 - abar_1) eps) / sqrt(abar_1) moves by about
-    0.01 of eps's change (sqrt(1 - abar_1) ~ 0.014 for the linear schedule): a stage that cannot change
-    the image. LoRA k still trains in every other stage, since it is on at t = 1 in every chain."""
+    0.015 of eps's change (sqrt(1 - abar_1) / sqrt(abar_1) ~ 0.0148 for the linear schedule): a stage
+    that cannot change the image. LoRA k still trains in every other stage, since it is on at t = 1 in every chain."""
     n = k if t1_stage or k == 1 else k - 1
     return min(n - 1, int(done * n))
 

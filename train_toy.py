@@ -75,7 +75,7 @@ def run_pipeline(args):
     seed_all(cfg["seed"])
     print("config:", " ".join(f"{k}={v}" for k, v in cfg.items()))
     if cfg["preset"] == "cpu" and not cfg["pretrained"]:
-        print("[train_toy] CPU preset: a small UNet and short stages, about 25 minutes in all on 2 free cores. "
+        print("[train_toy] CPU preset: a small UNet and short stages, about 20 minutes in all on 2 free cores. "
               "For the real run use a GPU (--preset=gpu); override any key with --key=value.")
     minutes = {}
     for stage, module in STAGES:

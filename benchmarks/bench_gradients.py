@@ -8,7 +8,7 @@ none. No training: every gradient is taken at the LoRA's initialisation (B = 0, 
     python benchmarks/bench_gradients.py --n=16 --inits=1 --clips=hard   # a quick look
     python benchmarks/bench_gradients.py --from_results=a/results.json,b/results.json --out=OUT   # merge studies
 
-DRaFT-K is not run as a method: its gradient is exactly the sum of the last K calls' shares of the
+DRaFT-K is not run as a method: its gradient is exactly the sum of the last K calls' contributions to the
 full gradient (tests/test_gradstudy.py), so the depth sweep gives every K, K = 1 included, for free.
 Every method's gradient is that of the mean reward over the same --n samples (x_T fixed per init), in
 one parameter space: a single LoRA (rank --lora_rank) on every conv and linear layer, for every method
@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 import ddpm
 from rewards import build_reward
 from sftlib import config
-from sftlib.common import UserError, pick_device, run_main, write_text
+from sftlib.common import UserError, pick_device, pyplot, run_main, save_figure, write_text
 from sftlib.gradstudy import cosine, full_decomposition, method_gradient
 from sftlib.models import build_finetuned, load_naive_shortcut, load_shortcut
 
@@ -138,12 +138,9 @@ def table(rows, runs):
     return "\n".join(lines)
 
 
-def plots(runs, rows, out):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plots(runs, rows, out, suffix=""):
+    """docs-style figures of a study: grad_cosine{suffix}.png, grad_per_call{suffix}.png, grad_adjoint{suffix}.png."""
+    plt = pyplot()
     steps = ddpm.ddim_timesteps(1000, ddpm.N_CHAIN)
     clips = list(dict.fromkeys(r["clip"] for r in runs))
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -163,9 +160,7 @@ def plots(runs, rows, out):
     ax.set_ylabel("cosine with the full DDIM-50 gradient")
     ax.set_title("Gradient fidelity at the LoRA's initialisation (mean, min-max over inits)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "grad_cosine.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, f"grad_cosine{suffix}.png"), dpi=110)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for clip in clips:
@@ -174,11 +169,9 @@ def plots(runs, rows, out):
     ax.set_yscale("log")
     ax.invert_xaxis()
     ax.set_xlabel("timestep t of the UNet call (the chain runs right to left: 981 first)")
-    ax.set_ylabel("|g_t|: the call's share of the full gradient")
+    ax.set_ylabel("|g_t|: the norm of that call's parameter gradient")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "grad_per_call.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, f"grad_per_call{suffix}.png"), dpi=110)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax2 = ax.twinx()
@@ -195,9 +188,7 @@ def plots(runs, rows, out):
     ax2.set_ylabel("dashed: fraction of x0_hat's pixels clipped")
     ax2.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "grad_adjoint.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, f"grad_adjoint{suffix}.png"), dpi=110)
 
 
 def main(argv):

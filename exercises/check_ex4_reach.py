@@ -84,3 +84,33 @@ def test_expected_outcome_draft_k_misses_segment_1_shortft_reaches_it():
     for stage, expected in ((0, [761, 501, 261, 1]), (2, [261, 1])):
         chain = lambda m, x: shortft.shortft_chain(m, student, sched, x, GROUPS, stage)
         assert ex.gradient_reach(chain, model, x_T) == (expected, False), stage
+
+
+def test_probe_gradient_is_dr_deps_by_finite_differences():
+    """delta.grad must be the reward's derivative w.r.t. that call's eps through the rest of the chain,
+    network calls included: each call's output is bumped by +-h v (no autograd) and the central finite
+    difference of r = sum(x_0) compared with <delta.grad, v>. A probe that detaches eps (or x) measures
+    another gradient: it cuts the later calls' dependence on this one."""
+    sched, model, _, x_T = setup()
+    steps = STEPS[-4:]  # a 4-step chain 61 -> 41 -> 21 -> 1 -> x_0
+
+    def chain(m, x):
+        for i, t in enumerate(steps):
+            x = ddpm.ddim_step(sched, x, m(x, torch.full((1,), t)), t, steps[i + 1] if i + 1 < len(steps) else -1)
+        return x
+
+    probe = ex.Probe(model)
+    chain(probe, x_T.clone()).sum().backward()
+    assert [t for t, _ in probe.calls] == steps
+    v = torch.randn(1, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for i, (t, delta) in enumerate(probe.calls):
+        def bumped(h):
+            calls = iter(range(len(steps)))
+
+            def m(x, t_vec):
+                return model(x, t_vec) + (h * v if next(calls) == i else 0)
+            with torch.no_grad():
+                return float(chain(m, x_T).sum())
+        fd = (bumped(1e-5) - bumped(-1e-5)) / 2e-5
+        assert delta.grad is not None, t
+        assert abs(fd - float((delta.grad * v).sum())) <= 1e-6 * max(1.0, abs(fd)), (t, fd, float((delta.grad * v).sum()))

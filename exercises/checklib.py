@@ -5,7 +5,11 @@ The module under test comes from $SHORTFT_EXERCISE_DIR (default: this folder, i.
     python -m pytest exercises/check_ex1_ddim.py                                        # your answer
     SHORTFT_EXERCISE_DIR=exercises/solutions python -m pytest exercises/check_ex1_ddim.py  # the reference
 """
+import contextlib
+import functools
+import importlib
 import importlib.util
+import inspect
 import os
 import sys
 
@@ -21,15 +25,90 @@ from sftlib import lora  # noqa: E402
 from unet import UNet  # noqa: E402
 
 
-def load(name):
-    """Import exercises/<name>.py, or <$SHORTFT_EXERCISE_DIR>/<name>.py, as a fresh module."""
+class LibraryDisabled(AssertionError):
+    """Raised when an answer calls the project function the exercise asks the student to write."""
+
+
+def _stub(dotted, name):
+    def disabled(*args, **kwargs):
+        raise LibraryDisabled(f"{dotted} is disabled while your {name}.py runs: the exercise asks you to "
+                              f"write it yourself (read it in the project, then close the file)")
+    return disabled
+
+
+def _project_modules():
+    """The imported modules whose file lies in this repository."""
+    return [m for m in list(sys.modules.values())
+            if getattr(m, "__file__", None) and os.path.abspath(m.__file__).startswith(ROOT)]
+
+
+_HOLDERS = {}  # (names, number of modules imported) -> [(module, attr, original)]: found once, not per call
+
+
+def _holders(names):
+    key = (tuple(names), len(sys.modules))
+    if key not in _HOLDERS:
+        found = []
+        for dotted in names:
+            mod_name, attr = dotted.rsplit(".", 1)
+            original = getattr(importlib.import_module(mod_name), attr)
+            found += [(m, attr, original) for m in _project_modules() if getattr(m, attr, None) is original]
+        _HOLDERS[key] = found
+    return _HOLDERS[key]
+
+
+@contextlib.contextmanager
+def disabled(names, exercise):
+    """While inside: each "module.function" of `names` is replaced by a stub that fails, in its module
+    and in every project module that imported it by name."""
+    saved = _holders(names)
+    n_modules = len(sys.modules)
+    for mod, attr, original in saved:
+        setattr(mod, attr, _stub(f"{original.__module__}.{original.__name__}", exercise))
+    try:
+        yield
+    finally:
+        for mod, attr, original in reversed(saved):
+            setattr(mod, attr, original)
+        if len(sys.modules) != n_modules:  # a project module first imported inside took a stub by name: give it back
+            for dotted in names:
+                mod_name, attr = dotted.rsplit(".", 1)
+                original = getattr(importlib.import_module(mod_name), attr)
+                for mod in _project_modules():
+                    if getattr(getattr(mod, attr, None), "__name__", "") == "disabled":
+                        setattr(mod, attr, original)
+
+
+def _guarded(f, names, exercise):
+    @functools.wraps(f)
+    def call(*args, **kwargs):
+        with disabled(names, exercise):
+            return f(*args, **kwargs)
+    return call
+
+
+def load(name, disable=()):
+    """Import exercises/<name>.py, or <$SHORTFT_EXERCISE_DIR>/<name>.py, as a fresh module.
+    disable: the project functions ("module.function") the exercise asks the student to write. They are
+    disabled while the module is imported and whenever one of its functions or methods runs, so an
+    answer that simply calls the project's own solution fails its check; the check itself still uses them
+    as the reference."""
     folder = os.path.abspath(os.environ.get("SHORTFT_EXERCISE_DIR", HERE))
     path = os.path.join(folder, name + ".py")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: SHORTFT_EXERCISE_DIR={folder} has no {name}.py")
     spec = importlib.util.spec_from_file_location(f"exercise_{name}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with disabled(disable, name):
+        spec.loader.exec_module(module)
+    if disable:
+        for attr, obj in list(vars(module).items()):
+            if inspect.isfunction(obj) and obj.__module__ == module.__name__:
+                setattr(module, attr, _guarded(obj, disable, name))
+            elif inspect.isclass(obj) and obj.__module__ == module.__name__:
+                for meth, f in list(vars(obj).items()):
+                    if inspect.isfunction(f):
+                        setattr(obj, meth, _guarded(f, disable, name))
     return module
 
 

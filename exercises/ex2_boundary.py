@@ -1,4 +1,4 @@
-"""Exercise 2: the consistency boundary parameterisation of the shortcut (PAPER.md Sec. 4.2; consistency.py).
+"""Exercise 2: the consistency boundary parameterisation of the shortcut (PAPER.md Sec. 4, item 2; consistency.py).
 
 Fill in the gaps marked TODO(student), then check:  python -m pytest exercises/check_ex2_boundary.py
 The shortcut S(x_t, t -> s_j) jumps from t to the segment edge s_j below it. The student network

@@ -1,4 +1,4 @@
-"""Exercise 5: a new differentiable reward, and reward hacking (PAPER.md Sec. 4.3; rewards.py).
+"""Exercise 5: a new differentiable reward, and reward hacking (PAPER.md Sec. 4, item 3; rewards.py).
 
 Fill in the gap marked TODO(student), then check:  python -m pytest exercises/check_ex5_reward.py
 Then fine-tune with it and read the held-out evaluator (exercises/README.md, exercise 5).

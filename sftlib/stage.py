@@ -124,7 +124,7 @@ class Stage:
             raise UserError(f"--resume goes on with the config of {self.ckpt_path}, where {k}={ckpt['config'][k]!r}, "
                             f"but the command line says --{k}={typed!r}: drop --" + " --".join(k for k, _ in conflicts)
                             + " (on resume only the budgets, learning rates and cadences may change) "
-                            f"or start a new run in another --out_dir")
+                            "or start a new run in another --out_dir")
         elif any(k not in ckpt for k in RESUME_KEYS.get(self.kind, ())):
             raise UserError(f"{self.ckpt_path} cannot be resumed: it lacks "
                             + ", ".join(k for k in RESUME_KEYS.get(self.kind, ()) if k not in ckpt))

@@ -2,11 +2,13 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import ROOT, TINY, run_cli
 from test_cli import one_line_error
 
 SMALL = ["--n_test=500", "--shortcut_steps=10", "--classifier_steps=10", "--evaluator_steps=10", "--ft_steps=4",
@@ -165,3 +167,24 @@ def test_bench_compare_bad_input(args, needle, tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_compare.py"), f"--out_dir={tmp_path}", *args],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_figures_command_redraws_every_figure(tmp_path):
+    """benchmarks/figures.py, the one command behind the README's figures: from the results files (no
+    computation) and from the classroom checkpoints (a tiny --n), every PNG written; a bad --only is one line."""
+    from sftlib import config as cfgmod, pretrained
+
+    out = tmp_path / "docs"
+    pretrained.install(dict(cfgmod.DEFAULTS, out_dir=str(tmp_path / "models"), data_root=""))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "figures.py"), f"--docs={out}", "--n=1",
+                        "--n_grad=1", f"--models={tmp_path / 'models'}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for name in ("chain_short_vs_real", "grad_per_step_methods", "grad_cosine_classroom", "grad_per_call_classroom",
+                 "grad_adjoint_classroom", "grad_cosine", "grad_per_call", "grad_adjoint", "compare_pareto_cpu",
+                 "ptrain_curves_cpu"):
+        png = out / f"{name}.png"
+        assert png.is_file() and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "figures.py"), "--only=pareto"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown figure 'pareto'" in bad.stderr and "Traceback" not in bad.stderr

@@ -3,7 +3,6 @@ goes on with the checkpoint's config, outputs exist before a stage is done, NaN 
 checkpoint, a full disk and a second run are one line each, the shortcut resumes exactly, a
 fine-tuned checkpoint finds its own base. Tiny models on a tiny synthetic image folder: no CIFAR."""
 import contextlib
-import errno
 import glob
 import hashlib
 import os

@@ -1,4 +1,4 @@
-"""Exercise 2: the consistency boundary parameterisation of the shortcut (PAPER.md Sec. 4.2; consistency.py).
+"""Exercise 2: the consistency boundary parameterisation of the shortcut (PAPER.md Sec. 4, item 2; consistency.py).
 
 Reference solution. The shortcut S(x_t, t -> s_j) jumps from t to the segment edge s_j below it. The
 student network predicts eps and the jump is one DDIM step (Song et al. 2021, Eq. 12, eta = 0), so

@@ -1,4 +1,4 @@
-"""Exercise 5: a new differentiable reward, and reward hacking (PAPER.md Sec. 4.3; rewards.py).
+"""Exercise 5: a new differentiable reward, and reward hacking (PAPER.md Sec. 4, item 3; rewards.py).
 
 Reference solution. The rewards.py convention: images x_0 in [-1, 1], shape (B, C, H, W); one value
 per image, shape (B,); higher is better (loss = -reward); differentiable in x_0.

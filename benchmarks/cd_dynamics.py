@@ -33,8 +33,8 @@ DEFAULTS = dict(models="", lrs="1e-3,3e-4,1e-4", steps=80, warmup=0, target_ema=
 
 
 def evaluate(student, teacher, sched, batches, edges):
-    torch.manual_seed(123)  # the same t and noise for every evaluation
-    with torch.no_grad():
+    with torch.random.fork_rng(), torch.no_grad():  # the same t and noise for every evaluation; training's RNG untouched
+        torch.manual_seed(123)
         return sum(float(cd_loss(student, student, teacher, sched, b, edges, "huber")) for b in batches) / len(batches)
 
 
@@ -49,7 +49,7 @@ def main(argv):
         raise UserError(f"--lrs must be a comma list of numbers, got {a['lrs']!r}") from None
     torch.set_num_threads(a["threads"])
     root = a["data_root"] or os.environ.get("SHORTFT_CIFAR") or config.DEFAULTS["data_root"]
-    checkpoints = [s for s in (5, 10, 20, 40, 80, 150, 300) if s <= a["steps"]]
+    checkpoints = [s for s in (5, 10, 20, 40, 50, 80, 150, 300) if s <= a["steps"]]
     out = {}
     for folder in models:
         path = os.path.join(folder, "ddpm", "ckpt.pt")

@@ -57,3 +57,4 @@ def test_cosine():
     assert abs(ex.cosine(a, b) - ref) < 1e-12
     assert abs(ex.cosine(3 * a, b) - ref) < 1e-12 and abs(ex.cosine(a, a) - 1) < 1e-12  # scale-free, cos(a, a) = 1
     assert abs(ex.cosine(a, -a) + 1) < 1e-12
+    assert ex.cosine(torch.zeros_like(a), b) == 0.0  # a method that gets no gradient at all: 0, not NaN

@@ -37,9 +37,10 @@ def _stub(dotted, name):
 
 
 def _project_modules():
-    """The imported modules whose file lies in this repository."""
+    """The imported modules whose file lies in this repository (not in a virtual environment inside it)."""
     return [m for m in list(sys.modules.values())
-            if getattr(m, "__file__", None) and os.path.abspath(m.__file__).startswith(ROOT)]
+            if getattr(m, "__file__", None) and os.path.abspath(m.__file__).startswith(ROOT + os.sep)
+            and "site-packages" not in m.__file__]
 
 
 _HOLDERS = {}  # (names, number of modules imported) -> [(module, attr, original)]: found once, not per call
@@ -57,10 +58,22 @@ def _holders(names):
     return _HOLDERS[key]
 
 
+_DEPTH = [0]  # nesting of disabled(): only the outermost entry stubs and only the outermost exit restores
+
+
 @contextlib.contextmanager
 def disabled(names, exercise):
     """While inside: each "module.function" of `names` is replaced by a stub that fails, in its module
-    and in every project module that imported it by name."""
+    and in every project module that imported it by name. Nested entries (the student's function calling
+    another of its own) keep the stubs in place until the outermost one exits."""
+    if _DEPTH[0] > 0:
+        _DEPTH[0] += 1
+        try:
+            yield
+        finally:
+            _DEPTH[0] -= 1
+        return
+    _DEPTH[0] = 1
     saved = _holders(names)
     n_modules = len(sys.modules)
     for mod, attr, original in saved:
@@ -68,6 +81,7 @@ def disabled(names, exercise):
     try:
         yield
     finally:
+        _DEPTH[0] = 0
         for mod, attr, original in reversed(saved):
             setattr(mod, attr, original)
         if len(sys.modules) != n_modules:  # a project module first imported inside took a stub by name: give it back

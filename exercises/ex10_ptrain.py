@@ -12,7 +12,6 @@ Fill in the gap marked TODO(student) and write your PREDICTION first, then:
     python -m pytest exercises/check_ex10_ptrain.py     # is the measurement right? (seconds)
     python -m exercises.ex10_ptrain                     # the experiment (about two minutes on a laptop CPU)
 """
-import sys
 
 import torch
 
@@ -77,4 +76,6 @@ def experiment(quick=False, lr=1e-2, steps=12, every=6, batch=4):
             opt.step()
 
 if __name__ == "__main__":
-    experiment(quick="--quick" in sys.argv)
+    from exercises import lab
+
+    lab.run(experiment)

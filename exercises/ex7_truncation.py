@@ -10,7 +10,6 @@ Fill in the gaps marked TODO(student) and write your PREDICTION first, then:
     python -m pytest exercises/check_ex7_truncation.py     # is the measurement right? (seconds)
     python -m exercises.ex7_truncation                     # the experiment (about a minute on a laptop CPU)
 """
-import sys
 
 import torch
 
@@ -71,4 +70,6 @@ def experiment(quick=False):
 
 
 if __name__ == "__main__":
-    experiment(quick="--quick" in sys.argv)
+    from exercises import lab
+
+    lab.run(experiment)

@@ -137,6 +137,18 @@ class Clock:
         return f"{time.time() - self.t0:.0f} s"
 
 
+def run(experiment):
+    """`python -m exercises.exN_...` [--quick]: the experiment, with a one-line error (not a traceback) for
+    what the user can fix, such as a missing CIFAR-10 folder or checkpoint."""
+    from sftlib.common import UserError
+
+    try:
+        experiment(quick="--quick" in sys.argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def show_prediction(prediction):
     """Every experiment asks for a written prediction before it runs."""
     if not prediction:

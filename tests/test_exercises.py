@@ -122,6 +122,9 @@ MUTANTS = {
         "the student sees a detached x_t": [("eps = student(x_t, t)  # (B, C, H, W)", "eps = student(x_t.detach(), t)")],
         "calls consistency.jump": [(None, "\n\ndef jump(student, sched, x_t, t, s):\n    import consistency\n"
                                           "    return consistency.jump(student, sched, x_t, t, s)\n")],
+        "calls its own helper, then consistency.jump": [(None, "\n\ndef jump(student, sched, x_t, t, s):\n    import consistency\n"
+                                                              "    as_vec(t, x_t)\n"
+                                                              "    return consistency.jump(student, sched, x_t, t, s)\n")],
     },
     "ex3_chain": {
         "segment 1 keeps its whole graph (no truncation)": [("with torch.no_grad():  # truncated backprop", "with torch.enable_grad():  # truncated backprop")],

@@ -11,7 +11,6 @@ the two x_0, with and without P-Training, along a short fine-tuning run.
     python -m pytest exercises/check_ex10_ptrain.py     # is the measurement right? (seconds)
     python -m exercises.ex10_ptrain                     # the experiment (about two minutes on a laptop CPU)
 """
-import sys
 
 import torch
 
@@ -74,4 +73,6 @@ def experiment(quick=False, lr=1e-2, steps=12, every=6, batch=4):
             opt.step()
 
 if __name__ == "__main__":
-    experiment(quick="--quick" in sys.argv)
+    from exercises import lab
+
+    lab.run(experiment)

@@ -81,7 +81,7 @@ def experiment(quick=False):
 
 
 if __name__ == "__main__":  # python -m exercises.ex6_segments [--quick]: the table, then the experiment
-    import sys
+    from exercises import lab
 
     table()
-    experiment(quick="--quick" in sys.argv)
+    lab.run(experiment)

@@ -9,7 +9,6 @@ among them.
     python -m pytest exercises/check_ex7_truncation.py     # is the measurement right? (seconds)
     python -m exercises.ex7_truncation                     # the experiment (about a minute on a laptop CPU)
 """
-import sys
 
 import torch
 
@@ -72,4 +71,6 @@ def experiment(quick=False):
 
 
 if __name__ == "__main__":
-    experiment(quick="--quick" in sys.argv)
+    from exercises import lab
+
+    lab.run(experiment)

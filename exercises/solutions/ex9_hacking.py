@@ -12,7 +12,6 @@ samples' diversity in those features.
     python -m exercises.ex9_hacking                     # the experiment (about two minutes on a laptop CPU)
 """
 import os
-import sys
 
 import numpy as np
 import torch
@@ -98,4 +97,6 @@ def experiment(quick=False, lr=1e-2, steps=30, batch=4, n_eval=16):
 
 
 if __name__ == "__main__":
-    experiment(quick="--quick" in sys.argv)
+    from exercises import lab
+
+    lab.run(experiment)

@@ -35,13 +35,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # bench_gradients, bench_compare: the figures they draw
 
 import ddpm
 from consistency import jump
 from sftlib import config
 from sftlib.common import UserError, pick_device, pyplot, run_main, save_figure
 from sftlib.models import load_ddpm, load_shortcut
-from shortft import base_step, next_t, segment_groups
+from shortft import base_step, next_t, real_segment, segment_groups
 
 FIGURES = ("chain", "steps", "grad", "compare", "ptrain")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -61,9 +62,8 @@ def chains(base, student, sched, x_T, groups):
             real[t] = x
         x = base_step(base, sched, x, t, steps[i + 1] if i + 1 < len(steps) else -1)
     real[-1] = x
-    short, x = {}, x_T
-    for i, t in enumerate(groups[0]):  # segment 1: real steps
-        x = base_step(base, sched, x, t, next_t(groups, 0, i))
+    short = {}
+    x = real_segment(base, sched, x_T, groups, 0, grad_last=False)  # segment 1: real steps
     short[groups[1][0]] = x
     for j in range(1, len(groups)):
         g = groups[j]
@@ -192,7 +192,6 @@ def grad_steps_figure(a, folder, device, path):
 
 def from_results(docs):
     """The figures redrawn from the measured results in benchmarks/results/."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import bench_gradients
 
     def read(name):
@@ -231,7 +230,6 @@ def main(argv):
     if "grad" in only:
         from_results(a["docs"])
     if "compare" in only or "ptrain" in only:
-        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
         import bench_compare
         for fig, name, draw, out in (("compare", "compare_cpu.json", bench_compare.pareto, "compare_pareto_cpu.png"),
                                      ("ptrain", "ptrain_cpu.json", bench_compare.curves, "ptrain_curves_cpu.png")):

@@ -71,9 +71,7 @@ def main(quick=False):
     section("PAPER.md Sec. 2, the idea: a trajectory-preserving shortcut S(x_t, t -> s) replaces a dozen steps",
             "consistency.jump (the shortcut), train_shortcut.py (its distillation), benchmarks/bench_shortcut.py")
     with torch.no_grad():
-        x = x_T
-        for i, t in enumerate(L.groups[0]):  # the real chain down to x_741
-            x = shortft.base_step(L.base, L.sched, x, t, shortft.next_t(L.groups, 0, i))
+        x = shortft.real_segment(L.base, L.sched, x_T, L.groups, 0, grad_last=False)  # the real chain down to x_741
         real = x
         for t in L.groups[1][:-1]:  # 741 -> 501 for real: 12 calls
             real = shortft.base_step(L.base, L.sched, real, t, t - 20)

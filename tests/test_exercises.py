@@ -30,6 +30,14 @@ def run_checks(folder, tmp):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *checks]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     results = {}
+    for module, name, outcome, message in junit_cases(xml):
+        results.setdefault(module, []).append((name, outcome, message))
+    return p.returncode, p.stdout + p.stderr, results
+
+
+def junit_cases(xml):
+    """[(check module, test name, passed | failed | skipped, the failure's message)] of a pytest JUnit XML report."""
+    cases = []
     for case in ET.parse(xml).getroot().iter("testcase"):
         bad = case.find("failure") if case.find("failure") is not None else case.find("error")
         if bad is not None:
@@ -37,8 +45,8 @@ def run_checks(folder, tmp):
         else:
             outcome = "skipped" if case.find("skipped") is not None else "passed"
         module = case.get("classname").rpartition(".")[2]  # check_ex1_ddim
-        results.setdefault(module, []).append((case.get("name"), outcome, "" if bad is None else bad.get("message", "")))
-    return p.returncode, p.stdout + p.stderr, results
+        cases.append((module, case.get("name"), outcome, "" if bad is None else bad.get("message") or ""))
+    return cases
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +96,27 @@ def functions(path):
                 if isinstance(f, ast.FunctionDef):
                     out[f"{node.name}.{f.name}"] = [a.arg for a in f.args.args]
     return out
+
+
+def gapless_functions(path):
+    """{name: AST dump} of the module-level functions (and methods) of a file that raise no NotImplementedError."""
+    out = {}
+    for node in ast.parse(open(path).read()).body:
+        for f in ([node] if isinstance(node, ast.FunctionDef) else node.body if isinstance(node, ast.ClassDef) else []):
+            if isinstance(f, ast.FunctionDef) and "NotImplementedError" not in ast.dump(f):
+                out[f.name] = ast.dump(f)
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_starter_and_solution_share_every_function_without_a_gap(name):
+    """The starter is the solution with gaps: every function the student does not fill in (the experiment, its
+    helpers) is the same code in both, so the reference runs in solutions/RESULTS.md are the starter's runs."""
+    starter, solution = gapless_functions(os.path.join(EX, f"{name}.py")), \
+        gapless_functions(os.path.join(EX, "solutions", f"{name}.py"))
+    assert all(solution.get(f) == body for f, body in starter.items()), \
+        [f for f, body in starter.items() if solution.get(f) != body]
+    assert "experiment" in starter or name not in EXPERIMENTS  # an experiment's run is never a gap
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -224,9 +253,8 @@ def check_outcomes(name, folders, report_dir):
     out = {}
     for i, folder in enumerate(folders):
         xml = os.path.join(report_dir, f"{i}.xml")
-        bad = [case.find("failure") if case.find("failure") is not None else case.find("error")
-               for case in ET.parse(xml).getroot().iter("testcase")] if os.path.isfile(xml) else []
-        out[folder] = (codes[folder], " | ".join((b.get("message") or "")[:300] for b in bad if b is not None))
+        cases = junit_cases(xml) if os.path.isfile(xml) else []
+        out[folder] = (codes[folder], " | ".join(m[:300] for _, _, outcome, m in cases if outcome == "failed"))
     return out
 
 

@@ -16,10 +16,12 @@ the same thing at toy scale from our own DDPM teacher:
   jump is the identity, so the boundary condition S(x_s, s -> s) = x_s holds exactly.
 - Training (Song et al. 2023, "Consistency Models", Algorithm 2, with the segment edge as the
   boundary): one teacher ODE step t_{n+1} -> t_n on the DDIM-50 grid, then the target network from
-  t_n to the edge is the target for the student from t_{n+1} to the same edge. Defaults follow the
-  improved recipe (Song & Dhariwal 2023): pseudo-Huber distance, target = the stop-gradient student
-  (mu = 0; Song et al. 2023 use an EMA, mu = 0.95: --cd_target_ema). A slower EMA of the student is
-  kept for sampling and for ShortFT (Song et al. 2023 keep one too).
+  t_n to the edge is the target for the student from t_{n+1} to the same edge. The distance is the
+  pseudo-Huber one of the improved recipe (Song & Dhariwal 2023); the target network is an EMA of the
+  student, mu = 0.95 (Song et al. 2023; --cd_target_ema). *Choice*: the improved recipe's target, the
+  stop-gradient student itself (mu = 0), distils a plain-eps base but not the eps-skip base of the CPU
+  preset: its loss climbs away in the first steps and stays there (README, "What the target network
+  does"). A slower EMA of the student is kept for sampling and for ShortFT (Song et al. 2023 keep one too).
 - Where x_{t_{n+1}} comes from (*choice*, TeacherChains): half of each batch from q(x_t | x_0) on
   real data as in Alg. 2, half from the teacher's own DDIM-50 chains, where ShortFT will use it.
 - x0-clipping: the teacher's chain, the teacher steps and the jumps all go through ddpm.ddim_step,

@@ -9,8 +9,9 @@ Inception FID/KID (sftlib/fid.py, ~0.4 s per image on 2 CPU cores).
 
 A variant that names ddpm_steps (old900: the old default as it shipped) trains that many steps instead.
 Equal compute, robust to a busy machine: first every variant's seconds per training step are measured
-on the idle machine (--calib_steps steps after 3 warm-up steps, in this process, with the same threads
-as the training run), and each variant then trains for round(budget_s / seconds_per_step) steps. The
+on the idle machine (3 interleaved rounds of --calib_steps steps after 2 warm-up steps each, in this
+process, with the same threads as the training run; variants with the same UNet and batch, such as two
+seeds, share one measurement), and each variant then trains for round(budget_s / seconds_per_step) steps. The
 DDPM stage's real wall time is reported next to it (it equals the budget only on an idle machine).
 
 Writes <out_dir>/results.json and prints a markdown table; the sample grids are
@@ -34,13 +35,14 @@ from sftlib.common import UserError, pick_device, run_main, save_grid, write_tex
 from sftlib.data import DeviceBatches, load_cifar10
 from unet import build_unet
 
-# Each variant: flags on top of the CPU defaults. "old" is the CPU default recipe (its keys pinned),
-# "new" the eps-skip recipe at the 10-minute budget (1700 steps: 600 s / 0.32 s per step, calibrated
-# here). It is not the default yet: the shortcut stage distils worse than the naive jump on it (README).
+# Each variant: flags on top of the CPU defaults, every recipe key pinned. "old" is the CPU recipe before
+# the eps skip, "new" the default since: the eps-skip recipe at the 10-minute budget (1700 steps: 600 s /
+# 0.33 s per step, calibrated here).
 OLD = dict(ch=16, ch_mult="1,2,4", num_res_blocks=1, attn_res="8", ddpm_batch=64, ddpm_lr=1e-3, ddpm_min_snr=0.0,
            ddpm_lr_schedule="constant", ddpm_ema=0.999, ddpm_warmup=100, eps_skip=False)
 VARIANTS = {
     "old900": dict(OLD, ddpm_steps=900),  # the old default as it was: 900 steps, whatever their wall time
+    "old1700": dict(OLD, ddpm_steps=1700),  # the old recipe at the new default's steps: the eps skip's control
     "old": OLD,
     "minsnr5": dict(OLD, ddpm_min_snr=5.0),
     "skip": dict(OLD, eps_skip=True),
@@ -52,29 +54,51 @@ VARIANTS = {
     "noattn": dict(OLD, attn_res=""),
     "ch32_122": dict(OLD, ch=32, ch_mult="1,2,2"),
     "ch24_122": dict(OLD, ch=24, ch_mult="1,2,2"),
-    "new": dict(OLD, eps_skip=True, ddpm_steps=1700),  # the eps-skip recipe at the 10-minute budget
+    "new": dict(OLD, eps_skip=True, ddpm_steps=1700),  # the eps-skip recipe at the 10-minute budget (the default)
+    # the architecture, on top of the eps skip (the default): depth, width, where attention sits
+    "skip_seed1": dict(OLD, eps_skip=True, seed=1),  # the seed-to-seed spread of the eps-skip recipe
+    "skip_noattn": dict(OLD, eps_skip=True, attn_res=""),
+    "skip_attn16": dict(OLD, eps_skip=True, attn_res="16"),
+    "skip_res2": dict(OLD, eps_skip=True, num_res_blocks=2),
+    "skip_ch24": dict(OLD, eps_skip=True, ch=24),
 }
 DEFAULTS = dict(variants=",".join(VARIANTS), fid="", budget_s=600.0, calib_steps=10, n_samples=1000,
                 out_dir="out/bench_recipe", data_root="", device="cpu", seed=0, reuse=True)
 
 
-def calibrate(flags, data, device, n):
-    """Seconds per training step of the UNet and batch in `flags` (the median of n timed steps)."""
+# what a training step's cost depends on: variants that agree on these share one calibration, so that
+# two seeds of one recipe train the same number of steps
+COST_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "dropout", "eps_skip", "ddpm_batch", "ddpm_min_snr")
+
+
+def cost_key(flags):
     cfg = dict(config.DEFAULTS, **flags)
-    model = build_unet(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    return json.dumps({k: cfg[k] for k in COST_KEYS}, sort_keys=True)
+
+
+def calibrate(flag_sets, data, device, n, rounds=3):
+    """Seconds per training step of each UNet and batch in `flag_sets` (a list of flags): the median of
+    rounds x n timed steps, the rounds interleaved over the variants, so that a machine whose speed drifts
+    while it is measured slows every variant alike. Returns [(s_per_step, n_params)]."""
+    setups, times = [], []
+    for flags in flag_sets:
+        cfg = dict(config.DEFAULTS, **flags)
+        model = build_unet(cfg).to(device)
+        setups.append((cfg, model, torch.optim.Adam(model.parameters(), lr=1e-4)))
+        times.append([])
     sched = ddpm.Schedule(device=device)
-    times = []
-    for i in range(n + 3):
-        t0 = time.perf_counter()
-        x0, _ = data.sample(cfg["ddpm_batch"])
-        loss = ddpm.eps_loss(model, sched, x0, cfg["ddpm_min_snr"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i >= 3:  # the first steps allocate
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times)), sum(p.numel() for p in model.parameters())
+    for _ in range(rounds):
+        for (cfg, model, opt), ts in zip(setups, times):
+            for i in range(n + 2):
+                t0 = time.perf_counter()
+                x0, _ = data.sample(cfg["ddpm_batch"])
+                loss = ddpm.eps_loss(model, sched, x0, cfg["ddpm_min_snr"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if i >= 2:  # the first steps of a round warm the caches up again
+                    ts.append(time.perf_counter() - t0)
+    return [(float(np.median(ts)), sum(p.numel() for p in m.parameters())) for (_, m, _), ts in zip(setups, times)]
 
 
 def run(cmd):
@@ -107,16 +131,20 @@ def main(argv):
 
     x, y = load_cifar10(data_root, "train", 0, os.path.join(out, "cache"))
     data = DeviceBatches(x, y, device)
-    for v in names:  # calibration first, on the machine as idle as it is now
+    # calibration first, on the machine as idle as it is now: one per step cost, shared by the variants
+    # that agree on it (seeds of one recipe), of every variant without a result yet
+    todo = [v for v in names if "s_per_step" not in results.get(v, {}) or results[v].get("flags") != VARIANTS[v]]
+    keys = sorted({cost_key(VARIANTS[v]) for v in todo})
+    measured = dict(zip(keys, calibrate([json.loads(k) for k in keys], data, device, a["calib_steps"]) if keys else []))
+    for v in todo:
         r = results.setdefault(v, {})
-        if "s_per_step" not in r or r.get("flags") != VARIANTS[v]:
-            r.clear()
-            r["flags"] = VARIANTS[v]
-            r["s_per_step"], r["params"] = calibrate(VARIANTS[v], data, device, a["calib_steps"])
-            r["steps"] = VARIANTS[v].get("ddpm_steps") or max(1, round(a["budget_s"] / r["s_per_step"]))
-            print(f"[recipe] {v}: {r['params'] / 1e6:.2f}M parameters, {r['s_per_step']:.3f} s/step "
-                  f"-> {r['steps']} steps in {a['budget_s']:.0f} s", flush=True)
-            write_text(res_path, json.dumps(results, indent=1))
+        r.clear()
+        r["flags"] = VARIANTS[v]
+        r["s_per_step"], r["params"] = measured[cost_key(VARIANTS[v])]
+        r["steps"] = VARIANTS[v].get("ddpm_steps") or max(1, round(a["budget_s"] / r["s_per_step"]))
+        print(f"[recipe] {v}: {r['params'] / 1e6:.2f}M parameters, {r['s_per_step']:.3f} s/step "
+              f"-> {r['steps']} steps in {a['budget_s']:.0f} s", flush=True)
+    write_text(res_path, json.dumps(results, indent=1))
 
     from sftlib.metrics import evaluate_samples, inception_metrics
     for v in names:

@@ -61,6 +61,7 @@ DEFAULTS = dict(
 # the classroom base: small enough for a laptop CPU to fine-tune in minutes and to ship (< 30 MB)
 CLASSROOM = dict(ch=48, ch_mult="1,2,2", num_res_blocks=2, attn_res="8", dropout=0.0, ddpm_batch=256, ddpm_lr=8e-4,
                  ddpm_warmup=200, ddpm_ema=0.999, shortcut_batch=256, shortcut_lr=2e-4, shortcut_ema=0.995,
+                 eps_skip=False, cd_target_ema=0.0,  # as the shipped ones were trained (before these defaults)
                  classifier_width=32, evaluator_width=32, cls_batch=512, cls_lr=0.4,
                  classifier_steps=2500, evaluator_steps=2500)
 DRY = dict(ch=8, ch_mult="1,2", num_res_blocks=1, attn_res="16", ddpm_batch=4, shortcut_batch=4, ft_batch=2,

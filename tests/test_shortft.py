@@ -361,7 +361,7 @@ def test_naive_shortcut_jump_is_one_base_ddim_step(tmp_path):
     from sftlib.models import load_naive_shortcut
 
     base = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_res=(16,), dropout=0.0).eval()
-    cfg = {**DEFAULTS, "ch": 8, "ch_mult": "1,2", "num_res_blocks": 1, "attn_res": "16"}
+    cfg = {**DEFAULTS, "ch": 8, "ch_mult": "1,2", "num_res_blocks": 1, "attn_res": "16", "eps_skip": False}  # base's
     torch.save({"kind": "ddpm", "config": cfg, "ema": base.state_dict(), "model": base.state_dict()}, tmp_path / "ckpt.pt")
     naive = load_naive_shortcut(str(tmp_path / "ckpt.pt"), "cpu")
     assert not any(p.requires_grad for p in naive.parameters())

@@ -47,7 +47,7 @@ def test_eps_skip_adds_the_linear_guess_of_eps_and_keeps_the_state_dict():
     from sftlib import config
     from unet import SIGMA_DATA, build_unet
 
-    cfg = dict(config.DEFAULTS, ch=8, ch_mult="1,2", attn_res="")
+    cfg = dict(config.DEFAULTS, ch=8, ch_mult="1,2", attn_res="", eps_skip=False)
     torch.manual_seed(0)
     plain = build_unet(cfg).eval()
     skip = build_unet(dict(cfg, eps_skip=True)).eval()

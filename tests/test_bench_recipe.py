@@ -1,0 +1,35 @@
+"""benchmarks/bench_recipe.py's equal-compute rule: variants that differ only in what does not change a
+training step's cost (the seed, the learning rate) share one step-time measurement and so train the same
+number of steps; variants that change the network are measured apart."""
+import os
+import sys
+
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import bench_recipe  # noqa: E402
+from sftlib import config  # noqa: E402
+from sftlib.data import DeviceBatches  # noqa: E402
+from unet import build_unet  # noqa: E402
+
+
+def test_seeds_share_a_calibration_and_architectures_do_not():
+    V = bench_recipe.VARIANTS
+    key = bench_recipe.cost_key
+    assert key(V["old"]) == key(V["old_seed1"]) == key(V["lr2e-3"]) == key(V["cosine"])
+    assert key(V["skip"]) == key(V["skip_seed1"])
+    arch = ["old", "skip", "skip_noattn", "skip_attn16", "skip_res2", "skip_ch24", "b32", "minsnr5"]
+    assert len({key(V[v]) for v in arch}) == len(arch)
+
+
+def test_calibrate_times_every_setup_and_counts_its_parameters():
+    tiny = dict(ch=8, ch_mult="1,2", num_res_blocks=1, attn_res="", ddpm_batch=2)
+    sets = [tiny, dict(tiny, ch=16)]
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    out = bench_recipe.calibrate(sets, DeviceBatches(x, torch.zeros(8, dtype=torch.long), "cpu"), "cpu", n=1, rounds=2)
+    assert len(out) == 2 and all(s > 0 for s, _ in out)
+    for (_, n_params), flags in zip(out, sets):  # the parameter count, from a UNet built here
+        assert n_params == sum(p.numel() for p in build_unet(dict(config.DEFAULTS, **flags)).parameters())
+    assert out[1][1] > out[0][1]

@@ -16,6 +16,12 @@ DDPM stage's real wall time is reported next to it (it equals the budget only on
 
 Writes <out_dir>/results.json and prints a markdown table; the sample grids are
 <out_dir>/<variant>/grid.png (the first 64 of the scored samples).
+
+Several trainings of one recipe (its seeds), pooled from results files into means over the trainings
+with percentile bootstrap 95 % intervals, and each recipe's change against a baseline recipe (trains
+nothing):
+
+    python benchmarks/bench_recipe.py --pool=benchmarks/results/recipe_cpu_600s.json,... --baseline=old900
 """
 import json
 import os
@@ -57,13 +63,21 @@ VARIANTS = {
     "new": dict(OLD, eps_skip=True, ddpm_steps=1700),  # the eps-skip recipe at the 10-minute budget (the default)
     # the architecture, on top of the eps skip (the default): depth, width, where attention sits
     "skip_seed1": dict(OLD, eps_skip=True, seed=1),  # the seed-to-seed spread of the eps-skip recipe
+    # more trainings (seeds) of the three 10-minute rows, for an interval on the recipe's FID gain
+    "old900_seed1": dict(OLD, ddpm_steps=900, seed=1),
+    "old900_seed2": dict(OLD, ddpm_steps=900, seed=2),
+    "new_seed1": dict(OLD, eps_skip=True, ddpm_steps=1700, seed=1),
+    "new_seed2": dict(OLD, eps_skip=True, ddpm_steps=1700, seed=2),
+    "old1700_seed1": dict(OLD, ddpm_steps=1700, seed=1),
     "skip_noattn": dict(OLD, eps_skip=True, attn_res=""),
     "skip_attn16": dict(OLD, eps_skip=True, attn_res="16"),
     "skip_res2": dict(OLD, eps_skip=True, num_res_blocks=2),
     "skip_ch24": dict(OLD, eps_skip=True, ch=24),
 }
 DEFAULTS = dict(variants=",".join(VARIANTS), fid="", budget_s=600.0, calib_steps=10, n_samples=1000,
-                out_dir="out/bench_recipe", data_root="", device="cpu", seed=0, reuse=True)
+                out_dir="out/bench_recipe", data_root="", device="cpu", seed=0, reuse=True,
+                pool="",  # results files (comma-separated) to pool by recipe instead of training anything
+                baseline="old900")  # with --pool: the variant whose recipe the others are compared with
 
 
 # what a training step's cost depends on: variants that agree on these share one calibration, so that
@@ -101,6 +115,73 @@ def calibrate(flag_sets, data, device, n, rounds=3):
     return [(float(np.median(ts)), sum(p.numel() for p in m.parameters())) for (_, m, _), ts in zip(setups, times)]
 
 
+POOLED = ("fid", "kid", "fd")  # the sample metrics that --pool summarises
+
+
+def recipe_of(result):
+    """A variant's recipe: its flags without the seed, and its step count (the budget), so that the seeds
+    of one recipe at one budget are its trainings."""
+    return json.dumps(dict({k: v for k, v in result["flags"].items() if k != "seed"}, ddpm_steps=result["steps"]),
+                      sort_keys=True)
+
+
+def pool(results, baseline, n_boot=2000, seed=0, level=0.95):
+    """results: {variant: result} (with "flags" and "steps"), pooled by recipe (`recipe_of`). Returns one row per recipe,
+    in the order first seen: dict(variants, n, and per metric m of POOLED that every training has:
+    m = (mean over the trainings, [lo, hi] percentile bootstrap interval resampling the trainings),
+    m_change = (1 - mean / the baseline recipe's mean, its interval: both recipes' trainings resampled
+    independently)). baseline: a variant name; its recipe is the reference."""
+    groups = {}
+    for v, r in results.items():
+        groups.setdefault(recipe_of(r), []).append(v)
+    if baseline not in results:
+        raise UserError(f"--baseline={baseline} is not in the pooled results: one of {', '.join(results)}")
+    ref = groups[recipe_of(results[baseline])]
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    rng = np.random.default_rng(seed)
+    draw = lambda v: v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)  # (n_boot,) resampled means
+    rows = []
+    for names in groups.values():
+        row = dict(variants=names, n=len(names))
+        for m in POOLED:
+            if not all(m in results[v] for v in names + ref):
+                continue
+            x = np.array([results[v][m] for v in names], float)
+            b = np.array([results[v][m] for v in ref], float)
+            row[m] = (float(x.mean()), [float(t) for t in np.percentile(draw(x), q)])
+            row[m + "_change"] = (float(1 - x.mean() / b.mean()),
+                                  [float(t) for t in np.percentile(1 - draw(x) / draw(b), q)])
+        rows.append(row)
+    return rows
+
+
+def pool_table(rows, baseline):
+    """The rows of `pool` as markdown: intervals only where there are two trainings or more to resample."""
+    n_ref = next(r["n"] for r in rows if baseline in r["variants"])
+
+    def cell(r, m, f):
+        if m not in r:
+            return "-"
+        mean, (lo, hi) = r[m]
+        return f.format(mean) + (f" [{f.format(lo)}, {f.format(hi)}]" if r["n"] > 1 else "")
+
+    def change(r, m):
+        if baseline in r["variants"]:
+            return "(baseline)"
+        if m not in r:
+            return "-"
+        c, (lo, hi) = r[m]  # 1 - mean / baseline's: shown as the change in per cent (negative = lower)
+        return f"{-100 * c:+.0f} %" + (f" [{-100 * hi:+.0f}, {-100 * lo:+.0f}]" if r["n"] > 1 and n_ref > 1 else "")
+
+    out = [f"| recipe (trainings) | n | Inception FID | vs {baseline} | KID | vs {baseline} | evaluator FD |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {', '.join(r['variants'])} | {r['n']} | {cell(r, 'fid', '{:.1f}')} | {change(r, 'fid_change')} "
+                   f"| {cell(r, 'kid', '{:.3f}')} | {change(r, 'kid_change')} | {cell(r, 'fd', '{:.2f}')} |")
+    return "\n".join(out + ["Means over the trainings (seeds) with percentile bootstrap 95 % intervals over them (none "
+                            "for one training); a change is the means', its interval resampling both recipes' trainings."])
+
+
 def run(cmd):
     print("+ " + " ".join(cmd), flush=True)
     t0 = time.time()
@@ -110,6 +191,19 @@ def run(cmd):
 
 def main(argv):
     a = dict(DEFAULTS, **config.parse_overrides(argv, DEFAULTS, description=__doc__))
+    if a["pool"]:
+        results = {}
+        for path in a["pool"].split(","):
+            if not os.path.isfile(path):
+                raise UserError(f"--pool: no results file {path}")
+            for v, r in json.load(open(path)).items():
+                if not isinstance(r, dict) or "flags" not in r:  # a note ("_note"), not a variant
+                    continue
+                if v in results and results[v] != r:
+                    raise UserError(f"--pool: variant {v} has different results in two files")
+                results[v] = r
+        print(pool_table(pool(results, a["baseline"]), a["baseline"]))
+        return
     names = [v for v in a["variants"].split(",") if v]
     fid_names = [v for v in a["fid"].split(",") if v]
     for v in names + fid_names:

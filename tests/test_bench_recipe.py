@@ -33,3 +33,23 @@ def test_calibrate_times_every_setup_and_counts_its_parameters():
     for (_, n_params), flags in zip(out, sets):  # the parameter count, from a UNet built here
         assert n_params == sum(p.numel() for p in build_unet(dict(config.DEFAULTS, **flags)).parameters())
     assert out[1][1] > out[0][1]
+
+
+def test_pool_groups_seeds_by_recipe_and_bounds_the_change_by_its_extremes():
+    old, new = dict(eps_skip=False), dict(eps_skip=True)
+    res = {"a": dict(flags=old, steps=900, fid=200.0, kid=0.2), "a1": dict(flags=dict(old, seed=1), steps=900, fid=220.0, kid=0.3),
+           "b": dict(flags=new, steps=900, fid=150.0), "b1": dict(flags=dict(new, seed=1), steps=900, fid=170.0),
+           "c": dict(flags=old, steps=1700, fid=100.0)}  # the old recipe at another budget: a recipe of its own
+    rows = {tuple(r["variants"]): r for r in bench_recipe.pool(res, "a1", n_boot=4000)}
+    assert set(rows) == {("a", "a1"), ("b", "b1"), ("c",)}
+    fid_b, (lo, hi) = rows[("b", "b1")]["fid"]
+    assert fid_b == 160.0 and (lo, hi) == (150.0, 170.0)  # 2 trainings: P(both draws the lowest) = 1/4 > 2.5 %
+    # the change against the baseline: with two trainings per recipe, each extreme resample has probability
+    # 1/16 > 2.5 %, so the interval's ends are exactly the extreme ratios
+    c, (lo, hi) = rows[("b", "b1")]["fid_change"]
+    assert abs(c - (1 - 160 / 210)) < 1e-12
+    assert abs(lo - (1 - 170 / 200)) < 1e-12 and abs(hi - (1 - 150 / 220)) < 1e-12
+    assert "kid" not in rows[("b", "b1")] and "kid" in rows[("a", "a1")]  # only metrics every training has
+    assert rows[("a", "a1")]["fid_change"][0] == 0.0
+    table = bench_recipe.pool_table(list(rows.values()), "a1")
+    assert "(baseline)" in table and "-24 % [-32, -15]" in table

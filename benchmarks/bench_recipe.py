@@ -126,16 +126,21 @@ def recipe_of(result):
 
 
 def pool(results, baseline, n_boot=2000, seed=0, level=0.95):
-    """results: {variant: result} (with "flags" and "steps"), pooled by recipe (`recipe_of`). Returns one row per recipe,
-    in the order first seen: dict(variants, n, and per metric m of POOLED that every training has:
-    m = (mean over the trainings, [lo, hi] percentile bootstrap interval resampling the trainings),
-    m_change = (1 - mean / the baseline recipe's mean, its interval: both recipes' trainings resampled
-    independently)). baseline: a variant name; its recipe is the reference."""
+    """results: {variant: result} (with "flags" and "steps"), pooled by recipe (`recipe_of`). Returns one row per
+    recipe, in the order first seen: dict(variants, n, and per metric m of POOLED that all its trainings have:
+    m = (mean over the trainings, [lo, hi] percentile bootstrap interval resampling the trainings), and where
+    the baseline's trainings have it too, m_change = (1 - mean / the baseline recipe's mean, its interval:
+    both recipes' trainings resampled independently) and m_p = Welch's t-test p-value of the two recipes'
+    trainings (None with fewer than two of either, or without scipy)). baseline: a variant name; its recipe
+    is the reference. FIDs and KIDs of different sample counts are not comparable: a UserError."""
     groups = {}
     for v, r in results.items():
         groups.setdefault(recipe_of(r), []).append(v)
     if baseline not in results:
         raise UserError(f"--baseline={baseline} is not in the pooled results: one of {', '.join(results)}")
+    counts = {r["fid_n"] for r in results.values() if "fid_n" in r}
+    if len(counts) > 1:
+        raise UserError(f"the pooled results score different sample counts {sorted(counts)}: pool one count at a time")
     ref = groups[recipe_of(results[baseline])]
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     rng = np.random.default_rng(seed)
@@ -144,15 +149,30 @@ def pool(results, baseline, n_boot=2000, seed=0, level=0.95):
     for names in groups.values():
         row = dict(variants=names, n=len(names))
         for m in POOLED:
-            if not all(m in results[v] for v in names + ref):
+            if not all(m in results[v] for v in names):
                 continue
             x = np.array([results[v][m] for v in names], float)
-            b = np.array([results[v][m] for v in ref], float)
             row[m] = (float(x.mean()), [float(t) for t in np.percentile(draw(x), q)])
+            if not all(m in results[v] for v in ref):
+                continue
+            b = np.array([results[v][m] for v in ref], float)
             row[m + "_change"] = (float(1 - x.mean() / b.mean()),
                                   [float(t) for t in np.percentile(1 - draw(x) / draw(b), q)])
+            row[m + "_p"] = welch_p(x, b) if names != ref else None
         rows.append(row)
     return rows
+
+
+def welch_p(x, b):
+    """Two-sided p-value of Welch's t-test (unequal variances) between two sets of trainings; None with fewer
+    than two in either, or where scipy is not installed (it is optional)."""
+    if len(x) < 2 or len(b) < 2:
+        return None
+    try:
+        from scipy import stats
+    except ImportError:
+        return None
+    return float(stats.ttest_ind(x, b, equal_var=False).pvalue)
 
 
 def pool_table(rows, baseline):
@@ -168,18 +188,22 @@ def pool_table(rows, baseline):
     def change(r, m):
         if baseline in r["variants"]:
             return "(baseline)"
-        if m not in r:
+        if m + "_change" not in r:
             return "-"
-        c, (lo, hi) = r[m]  # 1 - mean / baseline's: shown as the change in per cent (negative = lower)
-        return f"{-100 * c:+.0f} %" + (f" [{-100 * hi:+.0f}, {-100 * lo:+.0f}]" if r["n"] > 1 and n_ref > 1 else "")
+        c, (lo, hi) = r[m + "_change"]  # 1 - mean / baseline's: shown as the change in per cent (negative = lower)
+        p = r[m + "_p"]
+        return (f"{-100 * c:+.0f} %" + (f" [{-100 * hi:+.0f}, {-100 * lo:+.0f}]" if r["n"] > 1 and n_ref > 1 else "")
+                + (f", p {p:.2g}" if p is not None else ""))
 
     out = [f"| recipe (trainings) | n | Inception FID | vs {baseline} | KID | vs {baseline} | evaluator FD |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {', '.join(r['variants'])} | {r['n']} | {cell(r, 'fid', '{:.1f}')} | {change(r, 'fid_change')} "
-                   f"| {cell(r, 'kid', '{:.3f}')} | {change(r, 'kid_change')} | {cell(r, 'fd', '{:.2f}')} |")
+        out.append(f"| {', '.join(r['variants'])} | {r['n']} | {cell(r, 'fid', '{:.1f}')} | {change(r, 'fid')} "
+                   f"| {cell(r, 'kid', '{:.3f}')} | {change(r, 'kid')} | {cell(r, 'fd', '{:.2f}')} |")
     return "\n".join(out + ["Means over the trainings (seeds) with percentile bootstrap 95 % intervals over them (none "
-                            "for one training); a change is the means', its interval resampling both recipes' trainings."])
+                            "for one training; with two or three trainings the interval is about their range, and "
+                            "covers the true mean less often than 95 %); a change is the means', its interval "
+                            "resampling both recipes' trainings; p: Welch's t-test of the two recipes' trainings."])
 
 
 def run(cmd):

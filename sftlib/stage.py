@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from sftlib import config
 from sftlib.common import (CKPT_KEYS, UserError, load_checkpoint, open_log, pick_device, remove_stale_temps, rng_state,
-                           run_main, save_atomic)
+                           run_main, save_atomic, seed_all)
 
 # What --resume means: the run goes on with the config stored in its checkpoint. A key typed on the
 # command line that differs from it is an error, except these, which may change on resume: the
@@ -228,9 +228,16 @@ class Stage:
 
 def run_alone(train, doc):
     """`python train_<stage>.py --key=value ...`: one stage alone, with the pipeline's config and CLI
-    (the same as `python train_toy.py --stages=<stage> --key=value ...`)."""
+    (the same as `python train_toy.py --stages=<stage> --key=value ...`, seeded by --seed as it is)."""
+    run_main(alone_main(train, doc))
+
+
+def alone_main(train, doc):
+    """run_alone's main(argv): resolve the config, seed every generator with --seed (a torch process
+    otherwise starts from a random seed), train."""
     def main(argv):
         cfg = config.resolve(argv, torch.cuda.is_available(), description=doc)
+        seed_all(cfg["seed"])
         train(cfg, pick_device(cfg["device"]))
 
-    run_main(main)
+    return main

@@ -4,13 +4,17 @@ number of steps; variants that change the network are measured apart."""
 import os
 import sys
 
+import numpy as np
+import pytest
 import torch
+from scipy import stats
 
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import bench_recipe  # noqa: E402
 from sftlib import config  # noqa: E402
+from sftlib.common import UserError  # noqa: E402
 from sftlib.data import DeviceBatches  # noqa: E402
 from unet import build_unet  # noqa: E402
 
@@ -51,5 +55,14 @@ def test_pool_groups_seeds_by_recipe_and_bounds_the_change_by_its_extremes():
     assert abs(lo - (1 - 170 / 200)) < 1e-12 and abs(hi - (1 - 150 / 220)) < 1e-12
     assert "kid" not in rows[("b", "b1")] and "kid" in rows[("a", "a1")]  # only metrics every training has
     assert rows[("a", "a1")]["fid_change"][0] == 0.0
+    # Welch's t-test, from its definition: t over the unequal-variance standard error, Welch-Satterthwaite df
+    x, b = np.array([150.0, 170.0]), np.array([200.0, 220.0])
+    va, vb = x.var(ddof=1) / 2, b.var(ddof=1) / 2
+    t, df = (x.mean() - b.mean()) / np.sqrt(va + vb), (va + vb) ** 2 / (va ** 2 + vb ** 2)
+    assert abs(rows[("b", "b1")]["fid_p"] - 2 * stats.t.sf(abs(t), df)) < 1e-12
+    assert rows[("c",)]["fid_p"] is None and rows[("a", "a1")]["fid_p"] is None  # one training; the baseline itself
     table = bench_recipe.pool_table(list(rows.values()), "a1")
-    assert "(baseline)" in table and "-24 % [-32, -15]" in table
+    assert "(baseline)" in table and "-24 % [-32, -15], p 0.072" in table
+    # FIDs of different sample counts do not pool
+    with pytest.raises(UserError, match="different sample counts"):
+        bench_recipe.pool({"a": dict(res["a"], fid_n=500), "b": dict(res["b"], fid_n=1000)}, "a")

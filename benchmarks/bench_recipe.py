@@ -63,7 +63,8 @@ VARIANTS = {
     "new": dict(OLD, eps_skip=True, ddpm_steps=1700),  # the eps-skip recipe at the 10-minute budget (the default)
     # the architecture, on top of the eps skip (the default): depth, width, where attention sits
     "skip_seed1": dict(OLD, eps_skip=True, seed=1),  # the seed-to-seed spread of the eps-skip recipe
-    # more trainings (seeds) of the three 10-minute rows, for an interval on the recipe's FID gain
+    # more trainings (seeds) of the three 10-minute rows, for an interval on the recipe's FID gain (train_ddpm.py
+    # applies --seed since commit 0df51eb; the results files from before hold unseeded, independent trainings)
     "old900_seed1": dict(OLD, ddpm_steps=900, seed=1),
     "old900_seed2": dict(OLD, ddpm_steps=900, seed=2),
     "new_seed1": dict(OLD, eps_skip=True, ddpm_steps=1700, seed=1),
@@ -200,7 +201,7 @@ def pool_table(rows, baseline):
     for r in rows:
         out.append(f"| {', '.join(r['variants'])} | {r['n']} | {cell(r, 'fid', '{:.1f}')} | {change(r, 'fid')} "
                    f"| {cell(r, 'kid', '{:.3f}')} | {change(r, 'kid')} | {cell(r, 'fd', '{:.2f}')} |")
-    return "\n".join(out + ["Means over the trainings (seeds) with percentile bootstrap 95 % intervals over them (none "
+    return "\n".join(out + ["Means over the trainings with percentile bootstrap 95 % intervals over them (none "
                             "for one training; with two or three trainings the interval is about their range, and "
                             "covers the true mean less often than 95 %); a change is the means', its interval "
                             "resampling both recipes' trainings; p: Welch's t-test of the two recipes' trainings."])

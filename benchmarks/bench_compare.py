@@ -57,6 +57,7 @@ from rewards import build_reward
 from sftlib import config
 from sftlib.common import UserError, load_checkpoint, pick_device, pyplot, run_main, save_figure, write_text
 from sftlib.models import build_finetuned, load_shortcut
+from sftlib.metrics import mean_ci
 from shortft import shortft_chain
 
 MAIN = "shortft,shortft_naive,draft,draft_lv,alignprop,drtune"  # full backprop: 3 steps in 25 s on a core, in --full
@@ -117,14 +118,6 @@ def choose_lr(points, fd_tol):
     frac = (bound - points[lo][1]) / (points[hi][1] - points[lo][1])  # in [0, 1): FD(lo) <= bound < FD(hi)
     lr = math.exp(math.log(lo) + frac * (math.log(hi) - math.log(lo)))
     return float(f"{lr:.2g}"), f"FD bound reached between {lo:g} and {hi:g}"
-
-
-def mean_ci(values, n_boot=2000, seed=0, level=0.95):
-    """Mean of `values` and its percentile bootstrap interval (resampling the values)."""
-    v = np.asarray(values, float)
-    idx = np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))
-    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    return float(v.mean()), [float(x) for x in np.percentile(v[idx].mean(1), q)]
 
 
 def versus_best(gains, ours, baselines, n_boot=2000, seed=0, level=0.95):

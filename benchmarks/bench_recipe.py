@@ -39,6 +39,7 @@ import ddpm
 from sftlib import config
 from sftlib.common import UserError, pick_device, run_main, save_grid, write_text
 from sftlib.data import DeviceBatches, load_cifar10
+from sftlib.metrics import evaluate_samples, inception_metrics, mean_ci
 from unet import build_unet
 
 # Each variant: flags on top of the CPU defaults, every recipe key pinned. "old" is the CPU recipe before
@@ -145,7 +146,7 @@ def pool(results, baseline, n_boot=2000, seed=0, level=0.95):
     ref = groups[recipe_of(results[baseline])]
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     rng = np.random.default_rng(seed)
-    draw = lambda v: v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)  # (n_boot,) resampled means
+    draw = lambda v: v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)  # (n_boot,) resampled means, for a ratio
     rows = []
     for names in groups.values():
         row = dict(variants=names, n=len(names))
@@ -153,7 +154,7 @@ def pool(results, baseline, n_boot=2000, seed=0, level=0.95):
             if not all(m in results[v] for v in names):
                 continue
             x = np.array([results[v][m] for v in names], float)
-            row[m] = (float(x.mean()), [float(t) for t in np.percentile(draw(x), q)])
+            row[m] = mean_ci(x, n_boot, seed, level)
             if not all(m in results[v] for v in ref):
                 continue
             b = np.array([results[v][m] for v in ref], float)
@@ -265,7 +266,6 @@ def main(argv):
               f"-> {r['steps']} steps in {a['budget_s']:.0f} s", flush=True)
     write_text(res_path, json.dumps(results, indent=1))
 
-    from sftlib.metrics import evaluate_samples, inception_metrics
     for v in names:
         r = results[v]
         vdir = os.path.join(out, v)

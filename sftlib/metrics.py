@@ -168,6 +168,14 @@ def bootstrap_ci(values_fn, n, n_boot=200, seed=0, level=0.95):
             for k in draws[0] if all(k in d for d in draws)}
 
 
+def mean_ci(values, n_boot=2000, seed=0, level=0.95):
+    """Mean of `values` and its percentile bootstrap interval (resampling the values)."""
+    v = np.asarray(values, float)
+    idx = np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    return float(v.mean()), [float(x) for x in np.percentile(v[idx].mean(1), q)]
+
+
 def evaluate_samples(images, out_dir, device, target=None, reward=None, fid=False, fid_stats="", fid_ref_n=10000,
                      n_boot=0):
     """Held-out metrics of uint8 samples (N, 32, 32, 3) -> a flat dict (see the module docstring).

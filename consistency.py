@@ -20,8 +20,8 @@ the same thing at toy scale from our own DDPM teacher:
   pseudo-Huber one of the improved recipe (Song & Dhariwal 2023); the target network is an EMA of the
   student, mu = 0.95 (Song et al. 2023; --cd_target_ema). *Choice*: the improved recipe's target, the
   stop-gradient student itself (mu = 0), distils a plain-eps base but not the eps-skip base of the CPU
-  preset: its loss climbs away in the first steps and stays there (README, "What the target network
-  does"). A slower EMA of the student is kept for sampling and for ShortFT (Song et al. 2023 keep one too).
+  preset: its loss climbs away in the first steps and stays there (docs/results.md, "The first
+  steps of consistency distillation"). A slower EMA of the student is kept for sampling and for ShortFT (Song et al. 2023 keep one too).
 - Where x_{t_{n+1}} comes from (*choice*, TeacherChains): half of each batch from q(x_t | x_0) on
   real data as in Alg. 2, half from the teacher's own DDIM-50 chains, where ShortFT will use it.
 - x0-clipping: the teacher's chain, the teacher steps and the jumps all go through ddpm.ddim_step,
@@ -36,7 +36,6 @@ import torch
 
 import ddpm
 from ddpm import N_CHAIN  # the chain ShortFT fine-tunes through is the grid the student is distilled on
-from sftlib.common import UserError
 
 
 def segment_edges(T, n_steps, k):
@@ -44,7 +43,7 @@ def segment_edges(T, n_steps, k):
     timestep of each of k groups of consecutive DDIM timesteps; group j ends after floor((j+1) n / k)
     steps. T = 1000, n_steps = 50, k = 4 -> [761, 501, 261, 1] (groups of 12, 13, 12, 13 steps)."""
     if not 1 <= k <= n_steps:
-        raise UserError(f"k_segments must be between 1 and the {n_steps} steps of the DDIM chain, got {k}")
+        raise ValueError(f"k_segments must be between 1 and the {n_steps} steps of the DDIM chain, got {k}")
     ts = ddpm.ddim_timesteps(T, n_steps)  # 981, 961, ..., 1 for T = 1000, n_steps = 50
     return [ts[(j + 1) * n_steps // k - 1] for j in range(k)]
 
@@ -114,7 +113,7 @@ class TeacherChains:
 
     def load_state_dict(self, state):
         if state["x"].shape != self.x.shape:
-            raise UserError(f"the checkpoint's {len(state['x'])} teacher chains do not match this run's {len(self.x)}")
+            raise ValueError(f"the checkpoint's {len(state['x'])} teacher chains do not match this run's {len(self.x)}")
         self.n, self.x = state["n"].to(self.n.device), state["x"].to(self.x.device)
 
     def advance(self, x_n):
@@ -150,7 +149,7 @@ def cd_loss(student, target, teacher, sched, x0, edges, loss="l2", solver="ddim"
     if loss == "huber":  # sqrt(||x - y||^2 + c^2) - c with c = 0.00054 sqrt(d) (Song & Dhariwal 2023)
         c = 0.00054 * math.sqrt(pred[0].numel())
         return ((pred - x_target).pow(2).flatten(1).sum(1) + c**2).sqrt().sub(c).mean()
-    raise UserError(f"--cd_loss must be l2 or huber, got {loss!r}")
+    raise ValueError(f"--cd_loss must be l2 or huber, got {loss!r}")
 
 
 def shortcut_sample(student, sched, x_T, edges):

@@ -20,7 +20,6 @@ Conventions, stated once here and pinned by tests/test_ddpm.py:
 """
 import torch
 
-from sftlib.common import UserError
 
 
 class Schedule:
@@ -131,7 +130,7 @@ def ddim_timesteps(T, steps, offset=1):
     """The DDIM sub-sequence, "leading" spacing as in Stable Diffusion: for T = 1000 and 50 steps,
     981, 961, ..., 21, 1 (the timesteps PAPER.md Sec. 3 names). Returns a descending list."""
     if not 1 <= steps <= T:
-        raise UserError(f"--steps must be in [1, {T}] for a DDIM chain of T = {T}, got {steps}")
+        raise ValueError(f"--steps must be in [1, {T}] for a DDIM chain of T = {T}, got {steps}")
     stride = T // steps
     return [i * stride + min(offset, stride - 1) for i in reversed(range(steps))]
 

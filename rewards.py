@@ -8,16 +8,14 @@ The sign convention, stated once here and pinned by tests/test_rewards.py:
 Rewards are chosen by a spec string (`--reward=...`):
     brightness                          mean intensity in [0, 1]
     brightness:0.8                      -(mean intensity - 0.8)^2: aim for a brightness level
-    classifier:ship                     log p(ship | x) from the reward classifier (sftlib/nets.py)
+    classifier:ship                     log p(ship | x) from the reward classifier (a network passed in)
     0.7*classifier:ship+0.3*brightness  a weighted sum of terms (the paper's headline reward is one)
 """
-import os
+import math
 
 import torch
 
-from sftlib.common import UserError
-from sftlib.data import CLASSES
-from sftlib.nets import load_classifier
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")  # CIFAR-10's order
 
 
 class Reward:
@@ -59,13 +57,13 @@ def _parse_level(arg):
     try:
         level = float(arg)
     except ValueError:
-        raise UserError(f"brightness:{arg}: the level must be a number in [0, 1], e.g. brightness:0.8") from None
+        raise ValueError(f"brightness:{arg}: the level must be a number in [0, 1], e.g. brightness:0.8") from None
     if not 0.0 <= level <= 1.0:
-        raise UserError(f"brightness:{arg}: the level must be in [0, 1]")
+        raise ValueError(f"brightness:{arg}: the level must be in [0, 1]")
     return level
 
 
-def _make_brightness(level, out_dir, device):
+def _make_brightness(level, classifier):
     name = "brightness" if level is None else f"brightness:{level:g}"
     return Reward(name, lambda x: brightness(x, level))
 
@@ -73,19 +71,19 @@ def _make_brightness(level, out_dir, device):
 # --- classifier log-probability ---------------------------------------------------------------------
 
 def class_index(name):
-    """A CIFAR-10 class name (or its index as a string) -> its index; anything else is a UserError."""
+    """A CIFAR-10 class name (or its index as a string) -> its index; anything else is a ValueError."""
     if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
         i = int(name)
         if 0 <= i < len(CLASSES):
             return i
     elif name in CLASSES:
         return CLASSES.index(name)
-    raise UserError(f"unknown class {name!r}: use one of {', '.join(CLASSES)}")
+    raise ValueError(f"unknown class {name!r}: use one of {', '.join(CLASSES)}")
 
 
 def _parse_class(arg):
     if arg is None:
-        raise UserError(f"the classifier reward needs a target class, e.g. classifier:ship ({', '.join(CLASSES)})")
+        raise ValueError(f"the classifier reward needs a target class, e.g. classifier:ship ({', '.join(CLASSES)})")
     return class_index(arg)
 
 
@@ -106,13 +104,10 @@ class ClassifierReward:
         return torch.log_softmax(logits.float(), dim=1)[:, self.target]  # (B,)
 
 
-def _make_classifier(target, out_dir, device):
-    path = os.path.join(out_dir, "classifier", "ckpt.pt")
-    if not os.path.isfile(path):
-        raise UserError(f"the classifier reward needs {path}: train it first with "
-                        f"python train_toy.py --stages=classifier --out_dir={out_dir}")
-    net = load_classifier(path, device, "classifier")
-    return Reward(f"classifier:{CLASSES[target]}", ClassifierReward(net, target))
+def _make_classifier(target, classifier):
+    if classifier is None:
+        raise ValueError(f"the reward classifier:{CLASSES[target]} needs a classifier network")
+    return Reward(f"classifier:{CLASSES[target]}", ClassifierReward(classifier, target))
 
 
 # --- the registry and the spec parser ------------------------------------------------------------------
@@ -130,30 +125,39 @@ def parse_reward_spec(spec, registry=None):
     The one parser of reward specs: the SD path passes its own registry (sftlib/sd_rewards.py)."""
     registry = REGISTRY if registry is None else registry
     if not spec or not spec.strip():
-        raise UserError(f"empty reward spec: use one of {', '.join(registry)}, e.g. {next(iter(registry))}")
+        raise ValueError(f"empty reward spec: use one of {', '.join(registry)}, e.g. {next(iter(registry))}")
     terms = []
     for term in spec.replace(" ", "").split("+"):
         weight, star, body = term.rpartition("*")
         if star:
             try:
                 w = float(weight)
+                if not math.isfinite(w):
+                    raise ValueError
             except ValueError:
-                raise UserError(f"reward weight {weight!r} in {spec!r} is not a number "
+                raise ValueError(f"reward weight {weight!r} in {spec!r} is not a number "
                                 f"(write e.g. 0.7*{next(iter(registry))}+0.3*brightness)") from None
         else:
             w = 1.0
         name, colon, arg = body.partition(":")
         if name not in registry:
-            raise UserError(f"unknown reward {name!r} in {spec!r}: use one of {', '.join(registry)}")
+            raise ValueError(f"unknown reward {name!r} in {spec!r}: use one of {', '.join(registry)}")
         parse, _ = registry[name]
         terms.append((w, name, parse(arg if colon else None)))
     return terms
 
 
-def build_reward(spec, out_dir, device):
-    """A reward spec string -> a Reward (x in [-1, 1] (B, C, H, W) -> (B,)) with a readable name."""
+def needs_classifier(spec):
+    """Whether a spec has a classifier term (then build_reward needs the network)."""
+    return any(name == "classifier" for _, name, _ in parse_reward_spec(spec))
+
+
+def build_reward(spec, classifier=None):
+    """A reward spec string -> a Reward (x in [-1, 1] (B, C, H, W) -> (B,)) with a readable name.
+    classifier: the frozen reward classifier (logits over CLASSES) for classifier:<class> terms;
+    sftlib/models.load_reward loads the pipeline's own from its checkpoint."""
     terms = parse_reward_spec(spec)
-    parts = [(w, REGISTRY[name][1](arg, out_dir, device)) for w, name, arg in terms]
+    parts = [(w, REGISTRY[name][1](arg, classifier)) for w, name, arg in terms]
     if len(parts) == 1 and parts[0][0] == 1.0:
         return parts[0][1]
     name = "+".join(f"{w:g}*{r.name}" for w, r in parts)

@@ -37,7 +37,7 @@ from ddpm import N_CHAIN  # fine-tune through DDIM-50, sample with DDIM-50
 from sftlib import config, sd, sd_rewards
 from sftlib.common import UserError, pick_device, run_main, save_grid, seed_all
 from sftlib.stage import Stage
-from shortft import ptrain_stage, segment_groups, shortft_chain
+from shortft import ptrain_phase, segment_groups, shortft_chain
 
 DEFAULTS = dict(  # the paper's run on one GPU; the keys the toy pipeline also has keep its names and meaning
     # --- run ---
@@ -75,15 +75,15 @@ DEFAULTS = dict(  # the paper's run on one GPU; the keys the toy pipeline also h
     lora_alpha=128.0,
     lora_targets=sd.LORA_TARGETS,  # attention and feed-forward layers
     tlora=True,  # one LoRA per segment, stacked (PAPER.md Sec. 3)
-    progressive=True,  # P-Training: k stages, the real chain grows by a segment each stage
-    ptrain_t1_stage=False,  # also run P-Training's last stage (only LoRA k, at t = 1: shortft.ptrain_stage says why not)
+    progressive=True,  # P-Training: k phases, the real chain grows by a segment each phase
+    ptrain_t1_phase=False,  # also run P-Training's last phase (only LoRA k, at t = 1: shortft.ptrain_phase says why not)
     n_eval=4,  # the validation grid: DDIM-50 samples of the first n_eval prompts, from fixed noise
 )
 SAMPLE_DEFAULTS = dict(sd_path=DEFAULTS["sd_path"], lora_dir="out/sd15/lora", prompts="", n=1, guidance=7.5,
                        resolution=512, seed=0, out="out/sd15/samples", device="auto", bf16=True)
 PROMPTS = ["a photo of a cat", "a photo of a dog", "a red bicycle in the street", "a bowl of fruit on a table",
            "a lighthouse at sunset", "a horse in a meadow", "a cup of coffee", "a castle on a hill"]
-COLUMNS = ("loss", "reward", "grad_norm", "p_stage", "ms", "peak_mib")  # log.csv, besides step and img_per_s
+COLUMNS = ("loss", "reward", "grad_norm", "phase", "ms", "peak_mib")  # log.csv, besides step and img_per_s
 
 
 def load_prompts(path):
@@ -224,12 +224,12 @@ def train(cfg):
             validate()  # samples_0.png: the base model, before fine-tuning
     while step < cfg["ft_steps"]:
         t0 = time.time()
-        # P-Training: k equal stages; in stage i LoRAs i..k-1 train and segments 0..i run the real chain
-        p_stage = ptrain_stage(k, step / cfg["ft_steps"], cfg["ptrain_t1_stage"]) if cfg["progressive"] and ft.tlora else 0
-        sd.set_stage(ft, p_stage)
+        # P-Training: k equal phases; in phase i LoRAs i..k-1 train and segments 0..i run the real chain
+        phase = ptrain_phase(k, step / cfg["ft_steps"], cfg["ptrain_t1_phase"]) if cfg["progressive"] and ft.tlora else 0
+        sd.set_phase(ft, phase)
         batch, x_T = draw(cfg, prompts, rank, step, h, device)  # x_T: (B, 4, H/8, W/8) latent noise
         ft.set_prompts(*sd.encode(pipe, batch))
-        z0 = shortft_chain(ft, ft.shortcut, sched, x_T, ft.groups, p_stage)  # (B, 4, H/8, W/8)
+        z0 = shortft_chain(ft, ft.shortcut, sched, x_T, ft.groups, phase)  # (B, 4, H/8, W/8)
         x0 = sd.decode(pipe.vae, z0, cfg["ft_grad_checkpoint"])  # (B, 3, H, W) in [-1, 1]
         r = reward(x0, batch)  # (B,) higher is better
         loss = -cfg["ft_reward_scale"] * r.mean()
@@ -248,7 +248,7 @@ def train(cfg):
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
         if main:
             stage.tick(step, cfg["ft_batch"] * world, "ft_lr", cfg["log_every"], loss=loss.item(),
-                       reward=r.mean().item(), grad_norm=grad_norm, p_stage=p_stage, ms=ms, peak_mib=peak)
+                       reward=r.mean().item(), grad_norm=grad_norm, phase=phase, ms=ms, peak_mib=peak)
             if stage.due(step, cfg["sample_every"]):
                 validate()
             if stage.due(step, cfg["ft_ckpt_every"]):

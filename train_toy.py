@@ -9,6 +9,8 @@
     python train_toy.py sample --ckpt=out/ddpm/ckpt.pt --n=64 --sampler=ddim --steps=50 --out=s.npz
     python train_toy.py sample --ckpt=out/shortcut/ckpt.pt --sampler=shortcut   # k jumps + 1 final step
     python train_toy.py sample --ckpt=out/shortft/ckpt.pt   # the fine-tuned base model, DDIM-50
+    python train_toy.py sample --ckpt=checkpoints/ddpm.safetensors   # a shipped model (or a stage's model.safetensors)
+    python train_toy.py sample --ckpt=checkpoints/shortcut.safetensors --sampler=shortcut
     python train_toy.py eval --samples=s.npz --target=ship   # held-out metrics (sftlib/metrics.py)
 
 Stages, in order (each writes under <out_dir>/<stage>/):
@@ -74,6 +76,12 @@ def run_pipeline(args):
         pretrained.install(cfg)
     seed_all(cfg["seed"])
     print("config:", " ".join(f"{k}={v}" for k, v in cfg.items()))
+    if cfg["pretrained"]:
+        print(f"[pretrained] {pretrained.SHIPPED_NOTE}")
+    if cfg["preset"] == "quick":
+        print(f"[train_toy] quick preset: the shipped checkpoints, then {cfg['ft_steps']} ShortFT steps of batch "
+              f"{cfg['ft_batch']} and DDIM-50 scores of {cfg['n_eval']} samples before and after (5 minutes on 2 free "
+              f"CPU cores with these sizes; checkpoints/README.md). Override any key with --key=value.")
     if cfg["preset"] == "cpu" and not cfg["pretrained"]:
         print("[train_toy] CPU preset: a small UNet and short stages, about 20 minutes in all on 2 free cores. "
               "For the real run use a GPU (--preset=gpu); override any key with --key=value.")
@@ -128,15 +136,26 @@ def run_sample(args):
     from consistency import shortcut_sample
     from sftlib.models import load_ddpm, load_finetuned, load_shortcut
 
-    if opts["sampler"] == "shortcut":  # a distilled few-step model: its steps are fixed by its k segments
+    if opts["ckpt"].endswith(".safetensors"):  # a shipped model (checkpoints/) or a stage's model.safetensors
+        from sftlib import pretrained
+
+        model, sched, meta = pretrained.load_unet(opts["ckpt"], ("ddpm", "shortcut"), device)
+        if (meta["kind"] == "shortcut") != (opts["sampler"] == "shortcut"):
+            raise UserError(f"{opts['ckpt']} holds a {meta['kind']}: sample it with "
+                            + ("--sampler=shortcut" if meta["kind"] == "shortcut" else "--sampler=ddim or ddpm"))
+        edges = meta.get("edges")
+        if meta["kind"] == "shortcut" and not edges:
+            raise UserError(f"{opts['ckpt']} names no shortcut edges in its metadata")
+    elif opts["sampler"] == "shortcut":  # a distilled few-step model: its steps are fixed by its k segments
         model, sched, _, edges = load_shortcut(opts["ckpt"], device)
-        if "steps" in given and opts["steps"] != len(edges):
-            raise UserError(f"this shortcut checkpoint has k = {len(edges)} segments: leave --steps out or "
-                            f"pass --steps={len(edges)}, got --steps={opts['steps']}")
     elif load_checkpoint(opts["ckpt"], ("ddpm", "shortft"))["kind"] == "shortft":  # fine-tuned: base + LoRA
         model, sched = load_finetuned(opts["ckpt"], device)
     else:
         model, sched, _ = load_ddpm(opts["ckpt"], device)
+    if opts["sampler"] == "shortcut":
+        if "steps" in given and opts["steps"] != len(edges):
+            raise UserError(f"this shortcut checkpoint has k = {len(edges)} segments: leave --steps out or "
+                            f"pass --steps={len(edges)}, got --steps={opts['steps']}")
     timesteps = ddpm.ddim_timesteps(sched.T, opts["steps"]) if opts["sampler"] == "ddim" else None  # checks --steps
     sched.clip_x0 = opts["clip_x0"]  # x0-clipping in the sampler (ddpm.py); --clip_x0=false to see without
     seed_all(opts["seed"])

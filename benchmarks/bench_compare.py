@@ -39,26 +39,22 @@ import json
 import math
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as `python benchmarks/<name>.py` from anywhere: the project's modules live at ROOT
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # and its siblings (compare_report, ft_probe), also when imported as benchmarks.bench_compare
 
-import ddpm
-import train_shortft
-from rewards import build_reward
 from sftlib import config
-from sftlib.common import UserError, load_checkpoint, pick_device, pyplot, run_main, save_figure, write_text
-from sftlib.models import build_finetuned, load_shortcut
+from sftlib.common import UserError, load_checkpoint, pick_device, run_main, write_text
 from sftlib.metrics import mean_ci
-from shortft import shortft_chain
+from compare_report import curves, nanmean, pareto, render  # noqa: F401  (figures.py draws with them too)
+from ft_probe import chain_fidelity, step_memory
 
 MAIN = "shortft,shortft_naive,draft,draft_lv,alignprop,drtune"  # full backprop: 3 steps in 25 s on a core, in --full
 DEFAULTS = dict(out_dir="out", seconds=25.0, seeds="0,1,2,3,4", tune_seeds="100", lrs="3e-4,1e-3,3e-3",
@@ -150,51 +146,6 @@ def versus_best(gains, ours, baselines, n_boot=2000, seed=0, level=0.95):
 
 # ---- the runs ----
 
-def step_memory(name, out_dir, device):
-    """Peak memory of one training step (stage 0) in a fresh child process: on CUDA the peak allocated
-    above what was allocated before the step; on a CPU the rise of the process's peak RSS in its first
-    step with gradients, over its peak after the same chain ran once without them (the warm-up). The
-    warm-up must not build a graph: its peak would hide the step's (ru_maxrss never goes down)."""
-
-    cfg = config.resolve([f"--out_dir={out_dir}", "--preset=cpu", *RUNS[name]], torch.cuda.is_available())
-    k = k_of(name)
-    shortcut = os.path.join(out_dir, "compare", f"k{k}", "shortcut") if k else os.path.join(out_dir, "shortcut")
-    student, _, _, edges = load_shortcut(os.path.join(shortcut, "ckpt.pt"), device)
-    reward = build_reward(cfg["reward"], out_dir, device)
-    ft, sched = build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
-    ft.unet.eval()
-    x_T = torch.randn(cfg["ft_batch"], 3, 32, 32, device=device)
-    with torch.no_grad():  # warm-up: the same forward calls (buffers, kernels), but no graph kept
-        reward(train_shortft.method_chain(cfg, ft, student, sched, x_T, 0))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    reward(train_shortft.method_chain(cfg, ft, student, sched, x_T, 0)).mean().backward()
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return (peak - base) / 2**20
-
-
-@torch.no_grad()  # a measurement of the forward chain only
-def chain_fidelity(out_dir, device, n=64):
-    """How close the ShortFT chain's x_0 is to the real DDIM-50 x_0 of the untuned base model from the
-    same x_T (mean squared error per pixel), next to the same chain with the teacher's own one-jump
-    DDIM in place of the shortcut, and to the distance between samples of different noise."""
-
-    cfg = config.resolve([f"--out_dir={out_dir}", "--preset=cpu"], torch.cuda.is_available())
-    student, _, _, edges = load_shortcut(os.path.join(out_dir, "shortcut", "ckpt.pt"), device)
-    ft, sched = build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
-    x_T = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
-    real = ddpm.ddim_sample(ft, sched, x_T, ddpm.ddim_timesteps(sched.T, 50))  # (n, 3, 32, 32)
-    mse = lambda a: float((a - real).pow(2).mean())
-    return [("ShortFT chain (distilled shortcut)", mse(shortft_chain(ft, student, sched, x_T, ft.groups))),
-            ("same chain, naive jump (the base model's one DDIM step)", mse(shortft_chain(ft, ft.unet, sched, x_T, ft.groups))),
-            ("DDIM-50 samples of other noise (scale)", mse(real.roll(1, 0)))]
-
-
 def child_env(opts):
     """The environment of a fine-tuning child: --threads CPU threads (one per job on 2 cores)."""
     return dict(os.environ, OMP_NUM_THREADS=str(opts["threads"]), MKL_NUM_THREADS=str(opts["threads"]))
@@ -238,7 +189,7 @@ def run(name, seed, lr, opts, device):
         if not os.path.exists(os.path.join(out, stage)):
             os.symlink(src, os.path.join(out, stage))
     run_dir = os.path.join(out, method_of(name))  # where train_shortft writes: <out>/<method>
-    args = [f"--out_dir={out}", "--stages=shortft", "--preset=cpu", f"--seed={seed}", f"--ft_lr={lr:g}",
+    args = [f"--out_dir={out}", "--preset=cpu", f"--seed={seed}", f"--ft_lr={lr:g}",
             f"--ft_seconds={opts['seconds']}", f"--n_eval={opts['n_eval']}", f"--device={device.type}",
             "--ft_ckpt_every=1000000", f"--ft_eval_every_s={opts['eval_every_s']}", "--grid_ft=8", *RUNS[name],
             *opts["child_args"].split()]
@@ -256,11 +207,11 @@ def run(name, seed, lr, opts, device):
         if os.path.isdir(run_dir):  # a killed run: start it over (a time budget cannot be resumed fairly)
             for f in os.listdir(run_dir):
                 os.remove(os.path.join(run_dir, f))
-        call([os.path.join(ROOT, "train_toy.py"), *args], f"{name}, lr {lr:g}, seed {seed}", env=child_env(opts))
+        call([os.path.join(ROOT, "benchmarks", "ft_probe.py"), *args], f"{name}, lr {lr:g}, seed {seed}", env=child_env(opts))
         write_text(stamp, json.dumps(args))
     with open(os.path.join(run_dir, "metrics.json")) as f:
         m = json.load(f)
-    rows = np.loadtxt(os.path.join(run_dir, "log.csv"), delimiter=",", skiprows=1, ndmin=2)  # step, stage, reward, grad_norm, ms
+    rows = np.loadtxt(os.path.join(run_dir, "log.csv"), delimiter=",", skiprows=1, ndmin=2)  # step, phase, reward, grad_norm, ms
     return dict(name=name, seed=seed, lr=lr, steps=m["steps"], ms=m["ms_per_step_median"], before=m["before"],
                 after=m["after"], curve=m["curve"], grad_p95=float(np.percentile(rows[:, 3], 95)) if len(rows) else float("nan"),
                 grad_max=float(rows[:, 3].max()) if len(rows) else float("nan"))
@@ -308,7 +259,9 @@ def main(argv):
     opts, names, seeds, tune, lrs = parse_opts(argv)
     device = pick_device(opts["device"])
     if opts["child_mem"]:
-        print(json.dumps(step_memory(opts["child_mem"], opts["out_dir"], device)))
+        n, k = opts["child_mem"], k_of(opts["child_mem"])
+        shortcut = os.path.join(opts["out_dir"], "compare", f"k{k}", "shortcut") if k else os.path.join(opts["out_dir"], "shortcut")
+        print(json.dumps(step_memory(RUNS[n], shortcut, opts["out_dir"], device)))
         return
     for stage in ("ddpm", "shortcut", "classifier", "evaluator"):
         if not os.path.isfile(os.path.join(opts["out_dir"], stage, "ckpt.pt")):
@@ -383,12 +336,6 @@ def child_mems(names, opts, device):
         return dict(zip(names, pool.map(one, names)))
 
 
-def nanmean(v):
-    """The mean of the finite values; NaN (without a warning) when there are none."""
-    v = np.asarray(v, float)
-    return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")
-
-
 def summarise(res, names, opts):
     """Per method over the reported seeds: means with bootstrap intervals; ShortFT vs the best baseline."""
     s = {}
@@ -413,100 +360,6 @@ def summarise(res, names, opts):
     if "shortft" in names and base:
         s["versus_best"] = versus_best({n: s[n]["gain"] for n in names}, "shortft", base, opts["n_boot"])
     return s
-
-
-def render(res, names, opts):
-    s, before = res["summary"], res["reported"][0]["before"]
-    ci = lambda mc, f="{:+.3f}": f"{f.format(mc[0])} [{f.format(mc[1][0])}, {f.format(mc[1][1])}]"
-    w = res["wall_s"]
-    lines = [f"Equal compute: {opts['seconds']:g} s of fine-tuning per run on {res['device']} ({opts['jobs']} runs at a "
-             f"time, {opts['threads']} thread(s) each on a CPU), {len(res['seeds'])} reported seeds {res['seeds']}, "
-             f"scored on {opts['n_eval']} DDIM-50 samples of each fine-tuned model from the same fixed noise. "
-             f"Means over seeds, bootstrap 95 % intervals over seeds. Wall time: {w['tuning'] / 60:.1f} min tuning + "
-             f"{w['reported'] / 60:.1f} min reported runs, {w['total'] / 60:.1f} min in all.", "",
-             f"Base model: held-out target rate {before['evaluator_target_rate']:.3f}, class-matched FD "
-             f"{before['fd_matched']:.2f} (floor {before.get('fd_matched_floor', float('nan')):.2f}), within-target FD "
-             f"{before.get('fd_target', float('nan')):.2f}, target diversity {before.get('diversity_target', float('nan')):.2f}.", "",
-             "| method | lr | steps | ms/step | step peak MiB | grad norm p95 / max | held-out target rate gain "
-             "| log p(target) gain | class-matched FD after | within-target FD | target diversity | reward after "
-             "| chain_gap after |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for n in names:
-        r = s[n]
-        lines.append(f"| {n} | {r['lr']:g} | {r['steps']:.0f} | {r['ms']:.0f} | {res['step_peak_mib'][n]:.0f} "
-                     f"| {r['grad_p95_median']:.3g} / {r['grad_max']:.3g} | {ci(r['gain_mean_ci'])} "
-                     f"| {ci(r['logp_gain_mean_ci'], '{:+.2f}')} | {ci(r['fd_matched_after_mean_ci'], '{:.2f}')} "
-                     f"| {r['fd_target_after_mean']:.2f} | {r['diversity_target_after_mean']:.2f} "
-                     f"| {r['reward_after_mean']:.3f} | {r['chain_gap_after_mean']:.4f} |")
-    if "versus_best" in s:
-        v = s["versus_best"]
-        lines += ["", f"ShortFT against the best baseline ({v['best']}, re-chosen in every resample): difference of "
-                  f"gains {ci((v['diff'], v['diff_ci']))}; ratio {v['ratio']:.2f} "
-                  f"[{v['ratio_ci'][0]:.2f}, {v['ratio_ci'][1]:.2f}]"
-                  + (f" (undefined in {v['p_ratio_undefined']:.0%} of the resamples, where the best baseline's gain "
-                     f"was <= 0)" if v["p_ratio_undefined"] > 0 else "")]
-    if res["tuning"]:
-        lines += ["", f"Tuning on seeds {res['tune_seeds']} (the rule: the lr at which the class-matched FD after "
-                  f"reaches {opts['fd_tol']:g}x the base's, interpolated in log lr). Each cell: target rate after / "
-                  f"class-matched FD after.", "",
-                  "| method | " + " | ".join(f"lr {lr:g}" for lr in res["lrs"]) + " | chosen lr |",
-                  "|---|" + "---|" * (len(res["lrs"]) + 1)]
-        for n in names:
-            cells = []
-            for lr in res["lrs"]:
-                rs = [r for r in res["tuning"] if r["name"] == n and r["lr"] == lr]
-                t = np.mean([r["after"]["evaluator_target_rate"] for r in rs])
-                f = np.mean([r["after"]["fd_matched"] for r in rs])
-                cells.append(f"{t:.3f} / {f:.2f}")
-            c = res["chosen"][n]
-            lines.append(f"| {n} | " + " | ".join(cells) + f" | {c['lr']:g} ({c['why']}) |")
-    lines += ["", "Fidelity of the short chain: MSE to the untuned base model's DDIM-50 x_0 from the same x_T "
-              "(64 samples):", "", "| chain | MSE |", "|---|---|"]
-    lines += [f"| {name} | {v:.4f} |" for name, v in res["chain_fidelity"]]
-    return "\n".join(lines)
-
-
-def pareto(res, names, path):
-    """Held-out target rate (up: more of the target) against class-matched FD (right: more damage): every
-    tuning run (small, joined by lr) and each method's reported mean with its 95 % intervals."""
-    fig, ax = pyplot().subplots(figsize=(7, 5))
-    b = res["reported"][0]["before"]
-    ax.scatter([b["fd_matched"]], [b["evaluator_target_rate"]], marker="*", s=200, color="k", label="base model", zorder=5)
-    ax.axvline(res["opts"]["fd_tol"] * b["fd_matched"], ls="--", color="gray", lw=1,
-               label=f"tuning rule's FD bound ({res['opts']['fd_tol']:g}x the base's)")
-    for n in names:
-        s = res["summary"][n]
-        pts = [(np.mean([r["after"]["fd_matched"] for r in res["tuning"] if r["name"] == n and r["lr"] == lr]),
-                np.mean([r["after"]["evaluator_target_rate"] for r in res["tuning"] if r["name"] == n and r["lr"] == lr]))
-               for lr in res["lrs"] if any(r["name"] == n and r["lr"] == lr for r in res["tuning"])]
-        (x, xc), (y, yc) = s["fd_matched_after_mean_ci"], s["rate_after_mean_ci"]
-        eb = ax.errorbar([x], [y], xerr=[[x - xc[0]], [xc[1] - x]], yerr=[[y - yc[0]], [yc[1] - y]], fmt="o", ms=7,
-                         capsize=3, label=f"{n} (lr {s['lr']:g})")
-        if pts:
-            ax.plot(*zip(*pts), ":", marker=".", color=eb[0].get_color(), alpha=0.6)
-    ax.set_xlabel("class-matched Fréchet distance after (evaluator features; lower = less damage)")
-    ax.set_ylabel("held-out target rate after")
-    ax.set_title("reward vs quality: reported mean ± 95 % CI; dotted: the lr grid (tuning seeds)", fontsize=9)
-    ax.legend(fontsize=7)
-    save_figure(fig, path, dpi=110)
-
-
-def curves(res, names, path):
-    """Along training (eval.csv points, mean over the reported seeds): the held-out target rate, the
-    class-matched FD and, for the ShortFT runs, chain_gap."""
-    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4))
-    for n in names:
-        rs = [r for r in res["reported"] if r["name"] == n]
-        m = min(len(r["curve"]) for r in rs)
-        t = np.mean([[c["train_s"] for c in r["curve"][:m]] for r in rs], 0)
-        for ax, key in zip(axes, ("target_rate", "fd_matched", "chain_gap")):
-            y = np.array([[c.get(key, float("nan")) for c in r["curve"][:m]] for r in rs], float)
-            if np.isfinite(y).any():
-                ax.plot(t, np.nanmean(y, 0), marker=".", label=n)
-    for ax, lab in zip(axes, ("held-out target rate", "class-matched FD", "chain_gap (ShortFT chain x_0 vs real DDIM-50 x_0)")):
-        ax.set_xlabel("training seconds")
-        ax.set_ylabel(lab)
-        ax.legend(fontsize=7)
-    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ DRaFT-K is not run as a method: its gradient is exactly the sum of the last K ca
 full gradient (tests/test_gradstudy.py), so the depth sweep gives every K, K = 1 included, for free.
 Every method's gradient is that of the mean reward over the same --n samples (x_T fixed per init), in
 one parameter space: a single LoRA (rank --lora_rank) on every conv and linear layer, for every method
-(ShortFT too, so without T-LoRA: its P-Training stages are shortft_s0..s3 on that one LoRA). Each init
+(ShortFT too, so without T-LoRA: its P-Training phases are shortft_s0..s3 on that one LoRA). Each init
 is its own seeded LoRA A (B = 0) and its own batch of noise. Writes <out>/results.json, <out>/table.md
 and three PNGs (<out>/grad_cosine.png, grad_per_call.png, grad_adjoint.png; --docs=DIR copies them).
 """
@@ -29,11 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import ddpm
-from rewards import build_reward
 from sftlib import config
 from sftlib.common import UserError, pick_device, pyplot, run_main, save_figure, write_text
 from sftlib.gradstudy import cosine, full_decomposition, method_gradient
-from sftlib.models import build_finetuned, load_naive_shortcut, load_shortcut
+from sftlib.models import build_finetuned, load_naive_shortcut, load_reward, load_shortcut
 
 DEFAULTS = dict(models="", reward="classifier:ship", n=64, batch=16, inits=3, clips="hard,straight_through,none",
                 methods="draft_lv,alignprop,drtune,shortft,shortft_naive", lora_rank=4, out="out/bench_gradients",
@@ -72,7 +71,7 @@ def study(a, folder, device, clip, seed):
     ft.unet.eval()
     sched.clip_x0 = CLIPS[clip]
     params = [p for p in ft.unet.parameters() if p.requires_grad]
-    reward = build_reward(a["reward"], folder, device)
+    reward = load_reward(a["reward"], folder, device)
     steps = ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN)
     x_T = torch.randn(a["n"], 3, 32, 32, generator=torch.Generator().manual_seed(200 + seed)).to(device)
     batches = [x_T[i:i + a["batch"]] for i in range(0, a["n"], a["batch"])]
@@ -92,12 +91,12 @@ def study(a, folder, device, clip, seed):
     gen = torch.Generator().manual_seed(300 + seed)  # AlignProp's and DRTune's draws
     torch.manual_seed(400 + seed)  # DRaFT-LV's re-noising
     for m in [x for x in a["methods"].split(",") if x]:
-        stages = range(len(ft.groups)) if m == "shortft" else [0] if m == "shortft_naive" else [None]
-        for s in stages:
+        phases = range(len(ft.groups)) if m == "shortft" else [0] if m == "shortft_naive" else [None]
+        for s in phases:
             name = m if s is None else f"{m}_s{s}"
             t0 = time.time()
             g = sum(method_gradient(m, ft, naive if m == "shortft_naive" else student, sched, xb, steps, reward, params,
-                                    a["n"], stage=s or 0, generator=gen) for xb in batches)
+                                    a["n"], phase=s or 0, generator=gen) for xb in batches)
             out["methods"][name] = dict(cos=cosine(g, full), norm=float(g.norm()), s=time.time() - t0)
     return out
 

@@ -9,8 +9,8 @@ so peak memory is its own: torch.cuda.max_memory_allocated on CUDA, the process'
 time the same computation as real ones; no download is needed (tests/sd_fixtures.py builds them).
 
 Methods (all: CFG on the base calls, VAE decode in the graph, brightness reward, Adam step on LoRA):
-    shortft        shortft.shortft_chain, stage 0: 12 no-grad steps, then 7 UNet calls with a graph
-    full           shortft.full_chain over DDIM-50: all 50 UNet calls keep their graph
+    shortft        shortft.shortft_chain, phase 0: 12 no-grad steps, then 7 UNet calls with a graph
+    full           baselines.full_chain over DDIM-50: all 50 UNet calls keep their graph
     full_ckpt      the same with every UNet call (and the decode) checkpointed
     shortft_nockpt ShortFT without checkpointing
 """
@@ -31,7 +31,8 @@ from consistency import segment_edges
 from rewards import brightness
 from sftlib import config, sd
 from sftlib.common import UserError, pick_device, run_main
-from shortft import full_chain, segment_groups, shortft_chain
+from baselines import full_chain
+from shortft import segment_groups, shortft_chain
 from tests.sd_fixtures import random_lora, random_pipeline
 
 DEFAULTS = dict(size="tiny", resolution=32, batch=1, iters=3, methods="shortft,full,full_ckpt,shortft_nockpt",
@@ -57,7 +58,7 @@ def run_one(opts):
     ckpt = method in ("shortft", "full_ckpt")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else None
     ft = sd.SDFineTuned(pipe.unet, groups, names, tlora=shortft, grad_checkpoint=ckpt, autocast=autocast)
-    sd.set_stage(ft, 0)
+    sd.set_phase(ft, 0)
     sched = sd.SDSchedule(pipe.scheduler.alphas_cumprod, device)
     ft.set_prompts(*sd.encode(pipe, ["a photo of a cat"] * opts["batch"]))
     opt = torch.optim.Adam(params, lr=1e-4)
@@ -71,7 +72,7 @@ def run_one(opts):
         t0 = time.time()
         x_T = torch.randn(opts["batch"], 4, h, h, device=device)  # (B, 4, H/8, W/8)
         if shortft:
-            z0 = shortft_chain(ft, ft.shortcut, sched, x_T, groups, stage=0)
+            z0 = shortft_chain(ft, ft.shortcut, sched, x_T, groups, phase=0)
         else:
             z0 = full_chain(ft, sched, x_T, timesteps)  # ft checkpoints its own calls when ckpt
         loss = -brightness(sd.decode(pipe.vae, z0, ckpt)).mean()

@@ -6,7 +6,7 @@
 Computed here on the classroom checkpoints (checkpoints/, or --models=RUN_DIR with ddpm/, shortcut/ and,
 for `steps`, classifier/):
 - chain   docs/chain_short_vs_real.png: the short chain next to the real DDIM-50 chain, image by image. For
-          each of --n noises two rows: the real chain (top) and ShortFT's stage-0 chain (bottom, the untuned
+          each of --n noises two rows: the real chain (top) and ShortFT's phase-0 chain (bottom, the untuned
           base inside it), at the states where the short chain hops: x_741 (the same in both: segment 1 is
           real), then x_501, x_261, x_1 (after a shortcut jump each) and x_0. Each state x_t is shown as the
           x_0 it predicts, x0_hat = (x_t - sqrt(1 - abar_t) eps(x_t, t)) / sqrt(abar_t), since x_t itself is
@@ -15,7 +15,7 @@ for `steps`, classifier/):
 - steps   docs/grad_per_step_methods.png: the gradient magnitude per UNet call, by timestep, for each
           method: |g_t| of every call of full backprop (sftlib/gradstudy.py's call-by-call decomposition),
           the calls DRaFT-1 and DRaFT-10 train (exactly the full chain's last calls), and the four base calls
-          of ShortFT's stage-0 chain (each call with its own copy of the LoRA, so each one's share is
+          of ShortFT's phase-0 chain (each call with its own copy of the LoRA, so each one's share is
           separate). One rank-4 LoRA at its initialisation, reward log p(ship), --n_grad noises.
 Redrawn from the measured results in benchmarks/results/ (no computation):
 - grad    docs/grad_{cosine,per_call,adjoint}_classroom.png (gradients_h100_classroom.json, the classroom
@@ -23,7 +23,7 @@ Redrawn from the measured results in benchmarks/results/ (no computation):
 - compare docs/compare_pareto_cpu.png (compare_cpu.json: reward vs quality, every method)
 - ptrain  docs/ptrain_curves_cpu.png (ptrain_cpu.json: target rate, FD and chain_gap along training)
 With --eval_csv=PATH: docs/eval_curves.png, the held-out scores along one fine-tuning run (its eval.csv).
-The sample grids in docs/ come from the runs that made them (each named next to it in the README).
+The sample grids in docs/ come from the runs that made them (the commit that added each says which).
 """
 import csv
 import json
@@ -113,7 +113,7 @@ def chain_figure(a, folder, device, path):
 def eval_figure(csv_path, path):
     plt = pyplot()
     if not os.path.isfile(csv_path):
-        raise UserError(f"no eval.csv at {csv_path}: run the shortft stage with --ft_eval_every=N first")
+        raise UserError(f"no eval.csv at {csv_path}: run python benchmarks/ft_probe.py --ft_eval_every=N first")
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     keys = [k for k in ("target_rate", "reward", "fd", "fd_matched", "fd_target", "diversity", "diversity_target",
@@ -129,20 +129,21 @@ def eval_figure(csv_path, path):
 
 
 def grad_steps_figure(a, folder, device, path):
-    """|g_t| per UNet call for full backprop, DRaFT-1, DRaFT-10 and ShortFT's stage-0 chain (see the docstring)."""
+    """|g_t| per UNet call for full backprop, DRaFT-1, DRaFT-10 and ShortFT's phase-0 chain (see the docstring)."""
     from torch.func import functional_call
 
-    from rewards import build_reward
-    from sftlib import gradstudy, lora
+    from sftlib.models import load_reward
+    import tlora
+    from sftlib import gradstudy
     from shortft import shortft_chain
 
     base, sched, cfg = load_ddpm(os.path.join(folder, "ddpm", "ckpt.pt"), device)
     student, _, _, edges = load_shortcut(os.path.join(folder, "shortcut", "ckpt.pt"), device)
     steps = ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN)
     groups = segment_groups(steps, edges)
-    reward = build_reward("classifier:ship", folder, device)
+    reward = load_reward("classifier:ship", folder, device)
     torch.manual_seed(a["seed"])
-    lora.add_lora(base, config.DEFAULTS["lora_rank"], config.DEFAULTS["lora_alpha"], 1)
+    tlora.add_lora(base, config.DEFAULTS["lora_rank"], config.DEFAULTS["lora_alpha"], 1)
     base.to(device)
     named = [(n, p) for n, p in base.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -159,7 +160,7 @@ def grad_steps_figure(a, folder, device, path):
         own = {n: p.detach().clone().requires_grad_(True) for n, p in named}
         copies.append((int(t[0]), own))
         return functional_call(base, own, (x, t))
-    r = reward(shortft_chain(per_call, student, sched, x_T, groups, stage=0)).mean()
+    r = reward(shortft_chain(per_call, student, sched, x_T, groups, phase=0)).mean()
     grads = torch.autograd.grad(r, [p for _, own in copies for p in own.values()])
     n_p = len(named)
     short = {t: float(torch.cat([g.reshape(-1) for g in grads[i * n_p:(i + 1) * n_p]]).norm())
@@ -169,7 +170,7 @@ def grad_steps_figure(a, folder, device, path):
 
     print("[figures] full backprop |g_t|: " + ", ".join(f"{t}: {v:.3f}" for t, v in zip(steps[::5], full_norm[::5]))
           + f"; |sum| {total:.3f}")
-    print("[figures] ShortFT stage 0 |g_t|: " + ", ".join(f"{t}: {v:.3f}" for t, v in short.items())
+    print("[figures] ShortFT phase 0 |g_t|: " + ", ".join(f"{t}: {v:.3f}" for t, v in short.items())
           + f"; |sum| {short_total:.3f}")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -177,7 +178,7 @@ def grad_steps_figure(a, folder, device, path):
     ax.plot(steps[-10:], full_norm[-10:], "s", ms=9, mfc="none", color="C1", label="DRaFT-10 trains these (the same values)")
     ax.plot(steps[-1:], full_norm[-1:], "D", ms=12, mfc="none", color="C2", label="DRaFT-1 trains this one")
     ax.plot(list(short), list(short.values()), "o", ms=8, color="C3",
-            label=f"ShortFT stage 0: its 4 base calls (|sum| = {short_total:.3g})")
+            label=f"ShortFT phase 0: its 4 base calls (|sum| = {short_total:.3g})")
     ax.axvspan(groups[0][-1], groups[0][0] + 5, color="C0", alpha=0.08, label="segment 1: ShortFT runs it without a graph")
     ax.set_yscale("log")
     ax.invert_xaxis()

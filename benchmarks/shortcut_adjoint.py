@@ -14,8 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ddpm
-from rewards import build_reward
-from sftlib.models import load_ddpm, load_shortcut, load_naive_shortcut
+from sftlib.models import load_ddpm, load_naive_shortcut, load_reward, load_shortcut
 from shortft import segment_groups, base_step, next_t
 from consistency import jump
 from sftlib import config
@@ -32,7 +31,7 @@ def main(argv):
     base, sched, _ = load_ddpm(f'{M}/ddpm/ckpt.pt', 'cpu')
     student, ssched, _, edges = load_shortcut(f'{M}/shortcut/ckpt.pt', 'cpu')
     naive = load_naive_shortcut(f'{M}/ddpm/ckpt.pt', 'cpu')
-    reward = build_reward('classifier:ship', M, 'cpu')
+    reward = load_reward('classifier:ship', M, 'cpu')
     steps = ddpm.ddim_timesteps(1000, 50)
     groups = segment_groups(steps, edges)
     x_T = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(5))

@@ -1,5 +1,5 @@
 """Check for exercise 10 (P-Training's chain gap): the measurement, not its outcome. Against the two chains
-written out here (shortft.shortft_chain at the stage, and the fine-tuned model's DDIM-50 chain called as the
+written out here (shortft.shortft_chain at the phase, and the fine-tuned model's DDIM-50 chain called as the
 sampler calls it, with its T-LoRA stack per timestep), and against a closed case: with k = 50 segments every
 jump is the identity, the short chain is the real one, and the gap is exactly zero."""
 import pytest
@@ -10,7 +10,7 @@ import consistency
 import ddpm
 import shortft
 
-ex = checklib.load("ex10_ptrain", disable=("train_shortft.chain_gap",))
+ex = checklib.load("ex10_ptrain", disable=("benchmarks.ft_probe.chain_gap",))
 STEPS = ddpm.ddim_timesteps(1000, 50)
 
 
@@ -22,13 +22,13 @@ def setup(k=4, seed=0):
     return ft, student, checklib.schedule64(), x_T
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_gap_against_both_chains_written_here(stage):
+@pytest.mark.parametrize("phase", [0, 2])
+def test_gap_against_both_chains_written_here(phase):
     ft, student, sched, x_T = setup()
     with torch.no_grad():
-        short = shortft.shortft_chain(ft, student, sched, x_T, ft.groups, stage)
+        short = shortft.shortft_chain(ft, student, sched, x_T, ft.groups, phase)
         real = ddpm.ddim_sample(ft, sched, x_T, STEPS)
-    gap = ex.chain_gap(ft, student, sched, x_T, STEPS, stage)
+    gap = ex.chain_gap(ft, student, sched, x_T, STEPS, phase)
     assert gap.shape == (3,), "one value per sample"
     assert torch.allclose(gap, (short - real).pow(2).flatten(1).mean(1), rtol=1e-9)
 

@@ -1,11 +1,11 @@
 """Check for exercise 3 (the ShortFT chain): against a chain written out by hand, one line per hop of
-PAPER.md Sec. 3, and against shortft.shortft_chain for the later progressive stages."""
+PAPER.md Sec. 3, and against shortft.shortft_chain for the later progressive phases."""
 import pytest
 import torch
 
 import checklib
 import ddpm
-from sftlib import lora
+import tlora
 import shortft
 from consistency import jump
 
@@ -23,7 +23,7 @@ def setup():
 
 
 def lora_grads(unet):
-    return [p.grad.clone() if p.grad is not None else None for j in range(4) for p in lora.lora_params(unet, j)]
+    return [p.grad.clone() if p.grad is not None else None for j in range(4) for p in tlora.lora_params(unet, j)]
 
 
 def same_grads(a, b):
@@ -31,17 +31,17 @@ def same_grads(a, b):
                for u, v in zip(a, b))
 
 
-def test_stage0_equals_the_chain_written_out_by_hand():
+def test_phase0_equals_the_chain_written_out_by_hand():
     ft, student, sched, x_T, groups = setup()
     f = lambda x0: (x0 * torch.linspace(-1, 1, x0.numel(), dtype=x0.dtype).view_as(x0)).sum()  # a "reward"
     x_T.requires_grad_(True)
-    ours = ex.shortft_chain(ft, student, sched, x_T, groups, stage=0)
+    ours = ex.shortft_chain(ft, student, sched, x_T, groups, phase=0)
     f(ours).backward()
     auto = lora_grads(ft.unet)
     assert x_T.grad is None, "the steps 981 .. 781 must keep no graph (truncated backprop): x_T gets no gradient"
 
     def eps(x, t, n):  # the base model with its first n LoRAs on
-        lora.set_active(ft.unet, n)
+        tlora.set_active(ft.unet, n)
         return ft.unet(x, torch.full((x.shape[0],), t))
 
     x = x_T.detach()
@@ -63,7 +63,7 @@ def test_stage0_equals_the_chain_written_out_by_hand():
 
 
 def test_which_calls_and_where_the_graph_is():
-    """Stage 0: 12 base calls in segment 1 (only the one at 761 with a graph), then per later segment one
+    """Phase 0: 12 base calls in segment 1 (only the one at 761 with a graph), then per later segment one
     student call (the shortcut) and one base call at the edge: 7 calls on the gradient path, not 50."""
     ft, student, sched, x_T, groups = setup()
     calls = []
@@ -74,23 +74,23 @@ def test_which_calls_and_where_the_graph_is():
             return net(x, t)
         return call
 
-    ex.shortft_chain(spy("base", ft), spy("shortcut", student), sched, x_T, groups, stage=0)
+    ex.shortft_chain(spy("base", ft), spy("shortcut", student), sched, x_T, groups, phase=0)
     expected = ([("base", t, False) for t in range(981, 761, -20)] + [("base", 761, True)] +
                 [("shortcut", 741, True), ("base", 501, True), ("shortcut", 481, True), ("base", 261, True),
                  ("shortcut", 241, True), ("base", 1, True)])
     assert calls == expected
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_progressive_stages_match_the_project(stage):
-    """P-Training: the real chain runs up to segment `stage`, only its last step keeps a graph."""
+@pytest.mark.parametrize("phase", [1, 3])
+def test_progressive_phases_match_the_project(phase):
+    """P-Training: the real chain runs up to segment `phase`, only its last step keeps a graph."""
     ft, student, sched, x_T, groups = setup()
-    shortft.set_stage(ft, stage)  # LoRAs < stage frozen, as in training
-    ours = ex.shortft_chain(ft, student, sched, x_T, groups, stage)
+    shortft.set_phase(ft, phase)  # LoRAs < phase frozen, as in training
+    ours = ex.shortft_chain(ft, student, sched, x_T, groups, phase)
     ours.pow(2).mean().backward()
     a = lora_grads(ft.unet)
     ft.unet.zero_grad(set_to_none=True)
-    ref = shortft.shortft_chain(ft, student, sched, x_T, groups, stage)
+    ref = shortft.shortft_chain(ft, student, sched, x_T, groups, phase)
     ref.pow(2).mean().backward()
     assert torch.allclose(ours, ref, atol=1e-12)
     assert any(g is not None and g.abs().sum() > 0 for g in a) and same_grads(a, lora_grads(ft.unet))

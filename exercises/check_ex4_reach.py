@@ -4,6 +4,7 @@ import torch
 
 import checklib
 import ddpm
+import baselines
 import shortft
 
 ex = checklib.load("ex4_reach")
@@ -70,20 +71,20 @@ def test_a_zero_gradient_or_no_graph_is_no_reach():
 
 def test_a_timestep_called_twice_counts_once():
     sched, model, _, x_T = setup()
-    lv = lambda m, x: shortft.draft_lv_chain(m, sched, x, STEPS[-5:], n=2)  # DRaFT-LV: the last step twice
+    lv = lambda m, x: baselines.draft_lv_chain(m, sched, x, STEPS[-5:], n=2)  # DRaFT-LV: the last step twice
     assert ex.gradient_reach(lv, model, x_T)[0] == [1]
 
 
 def test_expected_outcome_draft_k_misses_segment_1_shortft_reaches_it():
     """DRaFT-K's gradient reaches the first segment (981..761) only for K >= 39 steps of backprop;
-    the ShortFT chain (stage 0) reaches one network call in every segment, through 7 calls."""
+    the ShortFT chain (phase 0) reaches one network call in every segment, through 7 calls."""
     sched, model, student, x_T = setup()
     for K, seg1 in ((1, False), (38, False), (39, True)):
-        reached, _ = ex.gradient_reach(lambda m, x: shortft.draft_chain(m, sched, x, STEPS, K), model, x_T)
+        reached, _ = ex.gradient_reach(lambda m, x: baselines.draft_chain(m, sched, x, STEPS, K), model, x_T)
         assert reached == STEPS[-K:] and any(t in GROUPS[0] for t in reached) == seg1, K
-    for stage, expected in ((0, [761, 501, 261, 1]), (2, [261, 1])):
-        chain = lambda m, x: shortft.shortft_chain(m, student, sched, x, GROUPS, stage)
-        assert ex.gradient_reach(chain, model, x_T) == (expected, False), stage
+    for phase, expected in ((0, [761, 501, 261, 1]), (2, [261, 1])):
+        chain = lambda m, x: shortft.shortft_chain(m, student, sched, x, GROUPS, phase)
+        assert ex.gradient_reach(chain, model, x_T) == (expected, False), phase
 
 
 def test_probe_gradient_is_dr_deps_by_finite_differences():

@@ -6,6 +6,7 @@ import torch
 import checklib
 import consistency
 import ddpm
+import baselines
 import shortft
 
 ex = checklib.load("ex6_segments", disable=("consistency.segment_edges", "shortft.segment_groups"))
@@ -48,14 +49,14 @@ def grads_of(chain, unet):
 
 
 def test_k1_is_draft1_and_k50_is_full_backprop():
-    """The ShortFT chain (shortft.shortft_chain, stage 0) on your groups: with one segment there is no
+    """The ShortFT chain (shortft.shortft_chain, phase 0) on your groups: with one segment there is no
     shortcut and only the last step keeps a graph, DRaFT-1; with 50 every jump is the identity t -> t
     and every base step keeps a graph, full backprop. k trades gradient reach against path length."""
     sched, student = checklib.schedule64(), checklib.tiny_unet(1).requires_grad_(False)
     unet = checklib.tiny_unet(0)
     x_T = torch.randn(1, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    for k, baseline in ((1, lambda: shortft.draft_chain(unet, sched, x_T, STEPS, K=1)),
-                        (50, lambda: shortft.full_chain(unet, sched, x_T, STEPS))):
+    for k, baseline in ((1, lambda: baselines.draft_chain(unet, sched, x_T, STEPS, K=1)),
+                        (50, lambda: baselines.full_chain(unet, sched, x_T, STEPS))):
         groups = ex.segment_groups(STEPS, ex.segment_edges(1000, 50, k))
         x0, g = grads_of(lambda: shortft.shortft_chain(unet, student, sched, x_T, groups), unet)
         x0_ref, g_ref = grads_of(baseline, unet)

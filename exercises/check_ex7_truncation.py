@@ -7,9 +7,10 @@ import torch
 
 import checklib
 import ddpm
-from sftlib import gradstudy, lora
+import tlora
+from sftlib import gradstudy
 
-ex = checklib.load("ex7_truncation", disable=("shortft.draft_chain", "shortft.full_chain", "sftlib.gradstudy.method_gradient",
+ex = checklib.load("ex7_truncation", disable=("baselines.draft_chain", "baselines.full_chain", "sftlib.gradstudy.method_gradient",
                                               "sftlib.gradstudy.full_decomposition", "sftlib.gradstudy.cosine"))
 STEPS = ddpm.ddim_timesteps(1000, 10)  # 901, 801, ..., 1: a short chain, so the check runs in seconds
 
@@ -18,7 +19,7 @@ def setup(B=2):
     sched = checklib.schedule64()
     sched.clip_x0 = False  # no clip: every call's gradient is nonzero, so an off-by-one cannot hide
     model = checklib.tiny_lora_unet(0, k=1)
-    params = [p for p in lora.lora_params(model, 0)]
+    params = [p for p in tlora.lora_params(model, 0)]
     x_T = torch.randn(B, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     w = torch.randn(3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     reward = lambda x0: (torch.tanh(x0) * w).flatten(1).sum(1)  # (B,) a nonlinear per-image "reward"

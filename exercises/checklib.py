@@ -21,7 +21,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # the project's own modules (ddpm, consistency, shortft, ...) are the reference
 
 import ddpm  # noqa: E402
-from sftlib import lora  # noqa: E402
+import tlora  # noqa: E402
 from unet import UNet  # noqa: E402
 
 
@@ -143,14 +143,14 @@ def tiny_unet(seed, img_size=8):
 
 
 def tiny_lora_unet(seed, k):
-    """tiny_unet with k stacked LoRAs (lora.py) on every layer, each with random non-zero weights
-    (B starts at zero in lora.py, which would make every LoRA's gradient path trivially dead)."""
+    """tiny_unet with k stacked LoRAs (tlora.py) on every layer, each with random non-zero weights
+    (B starts at zero in tlora.py, which would make every LoRA's gradient path trivially dead)."""
     unet = tiny_unet(seed)
-    lora.add_lora(unet, rank=2, alpha=2.0, k=k)
+    tlora.add_lora(unet, rank=2, alpha=2.0, k=k)
     unet.double()
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
-        for m in lora.lora_layers(unet):
+        for m in tlora.lora_layers(unet):
             for B in m.B:
                 B.weight.copy_(0.05 * torch.randn(B.weight.shape, generator=g, dtype=B.weight.dtype))
     return unet

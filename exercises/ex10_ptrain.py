@@ -1,10 +1,10 @@
 """Exercise 10 (experiment): what P-Training changes in the chain's x_0 over training (PAPER.md Sec. 3,
-"progressive training"; shortft.ptrain_stage, shortft.set_stage, train_shortft.chain_gap).
+"progressive training"; shortft.ptrain_phase, shortft.set_phase, benchmarks/ft_probe.py's chain_gap).
 
 The shortcut was distilled from the *base* model. As fine-tuning moves the base, the short chain (real
 segment, then frozen shortcut jumps) and the fine-tuned model's own DDIM-50 chain drift apart: the
-reward is computed on an x_0 the fine-tuned model would not draw. P-Training trains in k - 1 stages;
-in stage i the segments up to i run for real, so less of the chain is shortcut. Measure the gap between
+reward is computed on an x_0 the fine-tuned model would not draw. P-Training trains in k - 1 phases;
+in phase i the segments up to i run for real, so less of the chain is shortcut. Measure the gap between
 the two x_0, with and without P-Training, along a short fine-tuning run.
 
 Fill in the gap marked TODO(student) and write your PREDICTION first, then:
@@ -24,12 +24,12 @@ PREDICTION = ""
 
 
 @torch.no_grad()  # a measurement
-def chain_gap(ft, student, sched, x_T, steps, stage=0):
+def chain_gap(ft, student, sched, x_T, steps, phase=0):
     """Per sample (B,): the mean squared distance, over the C x H x W values, between the x_0 of the ShortFT
-    chain at P-Training stage `stage` (shortft.shortft_chain, the fine-tuned model `ft` inside it) and the
+    chain at P-Training phase `phase` (shortft.shortft_chain, the fine-tuned model `ft` inside it) and the
     x_0 of `ft`'s own real DDIM-50 chain (every step real, `ft` called as the sampler calls it), from the
     same noise x_T."""
-    # TODO(student): x_0 of the ShortFT chain at `stage` and x_0 of ft's real DDIM-50 chain (ddpm.ddim_sample);
+    # TODO(student): x_0 of the ShortFT chain at `phase` and x_0 of ft's real DDIM-50 chain (ddpm.ddim_sample);
     # their squared distance, averaged per sample
     raise NotImplementedError("exercise 10: chain_gap")
 
@@ -50,25 +50,25 @@ def experiment(quick=False, lr=1e-2, steps=12, every=6, batch=4):
         gen = torch.Generator().manual_seed(0)
         rewards = []
         print(f"\n{'with' if progressive else 'without'} P-Training: lr {lr:g}, {steps} steps of batch {batch}")
-        print(f"{'step':>5s} {'stage':>5s} {'gap, stage-0 chain [95 % CI]':>30s} {'gap, the chain it trains on':>28s} "
+        print(f"{'step':>5s} {'phase':>5s} {'gap, phase-0 chain [95 % CI]':>30s} {'gap, the chain it trains on':>28s} "
               f"{'training reward p(ship)':>23s}")
         for step in range(steps + 1):
-            stage = shortft.ptrain_stage(k, step / steps) if progressive else 0
+            phase = shortft.ptrain_phase(k, step / steps) if progressive else 0
             if step % every == 0 or step == steps:
                 if step == 0 and first is not None:
                     g0 = first
                 else:
                     g0 = chain_gap(ft, L.shortcut, L.sched, x_gap, L.steps, 0)
                 first = g0 if first is None else first
-                gs = chain_gap(ft, L.shortcut, L.sched, x_gap, L.steps, stage) if stage else g0
+                gs = chain_gap(ft, L.shortcut, L.sched, x_gap, L.steps, phase) if phase else g0
                 m, ci = lab.bootstrap(g0.numpy())
                 r = f"{sum(rewards) / len(rewards):23.2f}" if rewards else f"{'':23s}"
-                print(f"{step:5d} {stage:5d} {m:12.5f} [{ci[0]:.5f}, {ci[1]:.5f}] {float(gs.mean()):28.5f} {r}   ({clock})")
+                print(f"{step:5d} {phase:5d} {m:12.5f} [{ci[0]:.5f}, {ci[1]:.5f}] {float(gs.mean()):28.5f} {r}   ({clock})")
                 rewards = []
             if step == steps:
                 break
-            shortft.set_stage(ft, stage)  # P-Training freezes the LoRAs of the stages before
-            x0 = shortft_chain(ft, L.shortcut, L.sched, torch.randn(batch, 3, 32, 32, generator=gen), ft.groups, stage)
+            shortft.set_phase(ft, phase)  # P-Training freezes the LoRAs of the phases before
+            x0 = shortft_chain(ft, L.shortcut, L.sched, torch.randn(batch, 3, 32, 32, generator=gen), ft.groups, phase)
             r = L.reward(x0)
             rewards.append(float(r.detach().exp().mean()))
             opt.zero_grad(set_to_none=True)

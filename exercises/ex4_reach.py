@@ -39,6 +39,7 @@ if __name__ == "__main__":  # the ablation table: which network calls each metho
     import functools
 
     import ddpm  # run from the repository root (python -m exercises.ex4_reach), which puts it on sys.path
+    import baselines
     import shortft
     from exercises.checklib import schedule64, tiny_unet
 
@@ -46,14 +47,14 @@ if __name__ == "__main__":  # the ablation table: which network calls each metho
     groups = shortft.segment_groups(steps, [761, 501, 261, 1])
     model, student = tiny_unet(0), tiny_unet(1).requires_grad_(False)
     x_T = torch.randn(1, 3, 8, 8, dtype=torch.float64)
-    methods = {}  # name -> chain(model, x_T) -> x_0; functools.partial fixes each one's K or stage
+    methods = {}  # name -> chain(model, x_T) -> x_0; functools.partial fixes each one's K or phase
     for K in (1, 10, 38, 39):
-        methods[f"DRaFT-{K}"] = functools.partial(lambda m, x, K: shortft.draft_chain(m, sched, x, steps, K), K=K)
-    methods["AlignProp (cut at step 40)"] = lambda m, x: shortft.alignprop_chain(m, sched, x, steps, (40, 40))
-    methods["full backprop"] = lambda m, x: shortft.full_chain(m, sched, x, steps)
+        methods[f"DRaFT-{K}"] = functools.partial(lambda m, x, K: baselines.draft_chain(m, sched, x, steps, K), K=K)
+    methods["AlignProp (cut at step 40)"] = lambda m, x: baselines.alignprop_chain(m, sched, x, steps, (40, 40))
+    methods["full backprop"] = lambda m, x: baselines.full_chain(m, sched, x, steps)
     for i in range(4):
-        methods[f"ShortFT, stage {i}"] = functools.partial(
-            lambda m, x, i: shortft.shortft_chain(m, student, sched, x, groups, stage=i), i=i)
+        methods[f"ShortFT, phase {i}"] = functools.partial(
+            lambda m, x, i: shortft.shortft_chain(m, student, sched, x, groups, phase=i), i=i)
     print(f"{'method':28s} {'calls reached':>13s} {'segment 1 (981..761)':>21s} {'x_T':>4s}   timesteps reached")
     for name, chain in methods.items():
         reached, x_T_reached = gradient_reach(chain, model, x_T)

@@ -34,7 +34,7 @@ def table():
     for k in (1, 2, 4, 8, 25, 50):
         groups = segment_groups(ddpm.ddim_timesteps(1000, 50), segment_edges(1000, 50, k))
         calls = len(groups[0]) + 2 * (k - 1)  # segment 1 for real, then a jump and a base step per segment
-        on_path = 1 + 2 * (k - 1)  # the calls the gradient passes through (stage 0)
+        on_path = 1 + 2 * (k - 1)  # the calls the gradient passes through (phase 0)
         longest = max(len(g) - 1 for g in groups[1:]) if k > 1 else 0  # DDIM steps one shortcut jump replaces
         edges = [g[-1] for g in groups]
         print(f"k = {k:2d}: {calls:2d} network calls, {on_path:2d} on the gradient path, longest shortcut "
@@ -42,12 +42,13 @@ def table():
 
 
 def experiment(quick=False):
-    """k on the classroom base: for each k, the ShortFT chain (stage 0) built from your segments, with the
+    """k on the classroom base: for each k, the ShortFT chain (phase 0) built from your segments, with the
     naive shortcut (the base's own DDIM step over each segment: only k = 4 has a distilled one, shown too).
     Columns: the calls on the gradient path, the longest jump, the distance of the chain's x_0 to the real
     DDIM-50 x_0, and the cosine of the chain's gradient with the full DDIM-50 gradient (one LoRA)."""
     import torch
 
+    import baselines
     import shortft
     from exercises import lab
 
@@ -61,7 +62,7 @@ def experiment(quick=False):
         g = torch.autograd.grad(L.reward(x0).mean(), params, allow_unused=True)
         return torch.cat([(a if a is not None else torch.zeros_like(p)).reshape(-1) for a, p in zip(g, params)])
 
-    real = shortft.full_chain(ft, L.sched, x_T, L.steps)  # every step with a graph
+    real = baselines.full_chain(ft, L.sched, x_T, L.steps)  # every step with a graph
     full = gradient(real)
     real = real.detach()
     print(f"the classroom base, {len(x_T)} noises, reward log p(ship); naive shortcut unless named")
@@ -69,7 +70,7 @@ def experiment(quick=False):
     for k in ((1, 4) if quick else (1, 2, 4, 8, 16, 50)):
         groups = segment_groups(L.steps, segment_edges(1000, 50, k))
         for name, jumper in [(str(k), L.base)] + ([("4, distilled", L.shortcut)] if k == 4 else []):
-            x0 = shortft.shortft_chain(ft, jumper, L.sched, x_T, groups, stage=0)
+            x0 = shortft.shortft_chain(ft, jumper, L.sched, x_T, groups, phase=0)
             g = gradient(x0)
             d = (x0.detach() - real).pow(2).flatten(1).mean(1)  # (B,)
             cos = float(torch.dot(g, full) / (g.norm() * full.norm()))

@@ -22,7 +22,8 @@ sys.path.insert(0, ROOT)
 
 import ddpm  # noqa: E402
 from rewards import ClassifierReward, class_index  # noqa: E402
-from sftlib import config, lora, pretrained  # noqa: E402
+from tlora import add_lora  # noqa: E402
+from sftlib import config, pretrained  # noqa: E402
 from sftlib.nets import build_net  # noqa: E402
 from shortft import FineTuned, segment_groups  # noqa: E402
 from unet import build_unet  # noqa: E402
@@ -70,8 +71,8 @@ def finetunable(lab, seed=0, rank=None, tlora=True):
     unet.load_state_dict(lab.base.state_dict())
     unet.requires_grad_(False)
     rank = rank or config.DEFAULTS["lora_rank"]
-    lora.add_lora(unet, rank, config.DEFAULTS["lora_alpha"] * rank / config.DEFAULTS["lora_rank"],
-                  len(lab.groups) if tlora else 1, config.DEFAULTS["lora_targets"])
+    add_lora(unet, rank, config.DEFAULTS["lora_alpha"] * rank / config.DEFAULTS["lora_rank"],
+             len(lab.groups) if tlora else 1, config.DEFAULTS["lora_targets"])
     return FineTuned(unet.eval(), lab.groups, tlora=tlora)
 
 
@@ -140,11 +141,13 @@ class Clock:
 def run(experiment):
     """`python -m exercises.exN_...` [--quick]: the experiment, with a one-line error (not a traceback) for
     what the user can fix, such as a missing CIFAR-10 folder or checkpoint."""
-    from sftlib.common import UserError
+    from sftlib.common import UserError, raised_by_a_concept
 
     try:
         experiment(quick="--quick" in sys.argv)
-    except UserError as e:
+    except (UserError, ValueError) as e:  # ValueError: a concept function's argument outside its domain
+        if not isinstance(e, UserError) and not raised_by_a_concept(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -15,6 +15,7 @@ import torch
 import torchvision
 
 import consistency
+import baselines
 import shortft
 from exercises import lab
 from sftlib import gradstudy
@@ -82,7 +83,7 @@ def main(quick=False):
     print("     call's Jacobian instead of a product of twelve (exercise 8 measures every span).")
 
     section("PAPER.md Sec. 3, the chain: real segment 1, then per segment a frozen shortcut jump and one base step",
-            "shortft.shortft_chain, shortft.FineTuned (T-LoRA), shortft.ptrain_stage / set_stage (P-Training)")
+            "shortft.shortft_chain, shortft.FineTuned (T-LoRA), shortft.ptrain_phase / set_phase (P-Training)")
     calls = []
 
     def spy(name, net):
@@ -92,11 +93,11 @@ def main(quick=False):
         return call
     tft = lab.finetunable(L)  # T-LoRA: one LoRA per segment, stacked
     shortft.shortft_chain(spy("base", tft), spy("shortcut", L.shortcut), L.sched, x_T[:1], L.groups, 0)
-    print(f"  stage 0 calls, in order (* = keeps a graph): {' '.join(calls)}")
+    print(f"  phase 0 calls, in order (* = keeps a graph): {' '.join(calls)}")
     print(f"  {len(calls)} calls, {sum(c.endswith('*') for c in calls)} on the gradient path (DDIM-50: 50)")
     print("  T-LoRA, LoRAs on at t: " + ", ".join(f"{t}: {tft.stack(t)}" for t in (981, 761, 741, 501, 481, 261, 241, 1)))
-    print("  P-Training, stage by fraction of the budget: " + ", ".join(
-        f"{f:.2f}: {shortft.ptrain_stage(len(L.groups), f)}" for f in (0.0, 0.34, 0.67, 0.99)))
+    print("  P-Training, phase by fraction of the budget: " + ", ".join(
+        f"{f:.2f}: {shortft.ptrain_phase(len(L.groups), f)}" for f in (0.0, 0.34, 0.67, 0.99)))
     with torch.no_grad():
         real_x0 = lab.sample(tft, L, x_T[:b])
         short_x0 = torch.cat([shortft.shortft_chain(tft, L.shortcut, L.sched, x_T[i:i + 1], L.groups, 0) for i in range(b)])
@@ -117,9 +118,9 @@ def main(quick=False):
                   f"samples, {name}: {float(loss):.4f}")
     counts = torch.bincount(torch.as_tensor(pred), minlength=10).tolist()
     print(f"  3. the judge's classes of the {n} base samples (airplane .. truck): {counts}")
-    for name, chain in (("ShortFT stage 0", lambda m, x: shortft.shortft_chain(m, L.shortcut, L.sched, x, L.groups, 0)),
-                        ("DRaFT-1", lambda m, x: shortft.draft_chain(m, L.sched, x, L.steps, 1)),
-                        ("full backprop", lambda m, x: shortft.full_chain(m, L.sched, x, L.steps))):
+    for name, chain in (("ShortFT phase 0", lambda m, x: shortft.shortft_chain(m, L.shortcut, L.sched, x, L.groups, 0)),
+                        ("DRaFT-1", lambda m, x: baselines.draft_chain(m, L.sched, x, L.steps, 1)),
+                        ("full backprop", lambda m, x: baselines.full_chain(m, L.sched, x, L.steps))):
         print(f"  4. one training step (chain, reward, backward), batch {b}, {name}: "
               f"{seconds_per_step(chain, tft, L, x_T[:b]):.1f} s")
     opt = torch.optim.Adam(lab.lora_parameters(tft), lr=4e-4)

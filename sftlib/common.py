@@ -14,16 +14,24 @@ import torch
 
 
 class UserError(Exception):
-    """A problem with the user's input: every entry point prints it as one line and exits with code 2."""
+    """A problem with the user's input: every entry point prints it as one line and exits with code 2.
+    The concept files (ddpm.py, shortft.py, ...) import nothing from here and raise plain ValueError for
+    arguments outside their equations' domain; run_main prints those as one line too. (Not a ValueError
+    itself: argparse would swallow it in a type conversion and print its own message instead.)"""
 
 
 def run_main(main):
-    """The guard of every entry point: main(sys.argv[1:]); a UserError, an unreadable or unwritable file
+    """The guard of every entry point: main(sys.argv[1:]); a UserError (or ValueError), an unreadable or unwritable file
     (disk full, no permission) and Ctrl-C are each one line on stderr and a non-zero exit code, never a
     traceback; the last checkpoint is kept."""
     try:
         main(sys.argv[1:])
     except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as e:
+        if not raised_by_a_concept(e):  # a bug somewhere else: its traceback is what helps
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # the file system said no: bad file, disk full, read-only, no permission
@@ -32,6 +40,16 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; rerun with --resume to continue", file=sys.stderr)
         sys.exit(130)
+
+
+def raised_by_a_concept(e):
+    """Whether the exception was raised in one of the project's root files (ddpm.py, shortft.py, ...): the
+    concept files raise ValueError for arguments outside their equations' domain, a user's input."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return tb is not None and os.path.dirname(os.path.abspath(tb.tb_frame.f_code.co_filename)) == root
 
 
 def os_error_line(e, path=None):

@@ -13,12 +13,15 @@ import inspect
 import os
 import re
 
+from baselines import METHODS
+from ddpm import N_CHAIN
+from rewards import parse_reward_spec
 from sftlib.common import UserError
 
 DEFAULTS = dict(
     # --- run ---
     model="toy",  # toy: the CIFAR-10 pipeline below | sd15: Stable Diffusion 1.5 (train_sd.py; --model=sd15 --help lists its keys)
-    preset="auto",  # auto | cpu | gpu  (auto: gpu when CUDA is available, else cpu)
+    preset="auto",  # auto | cpu | gpu | quick  (auto: gpu when CUDA is available, else cpu; quick: the shipped checkpoints, then ShortFT with a smaller evaluation, 5 min on 2 free CPU cores)
     device="auto",  # auto | cuda | mps | cpu  (auto: cuda -> mps -> cpu)
     stages="all",  # which pipeline stages to run: all, or a comma list (e.g. ddpm)
     out_dir="out",  # every stage writes under here: out/ddpm/ckpt.pt, out/ddpm/samples_*.png, ...
@@ -41,10 +44,10 @@ DEFAULTS = dict(
     ch_mult="1,2,4",
     num_res_blocks=1,
     attn_res="8",  # resolutions with self-attention, comma separated
-    eps_skip=True,  # eps = c_skip(t) x_t + UNet(x_t, t), c_skip the best linear guess of eps (unet.py says why; README: the 10-minute recipe)
+    eps_skip=True,  # eps = c_skip(t) x_t + UNet(x_t, t), c_skip the best linear guess of eps (unet.py says why)
     dropout=0.0,
     # --- DDPM training (train_ddpm.py) ---
-    ddpm_steps=1700,  # ~10 min on 2 CPU cores (0.33 s per step; README "The DDPM stage: the 10-minute CPU recipe")
+    ddpm_steps=1700,  # about 10 minutes on 2 CPU cores (the recipe ablation: docs/results.md, appendix)
     ddpm_batch=64,
     ddpm_lr=1e-3,
     ddpm_warmup=100,  # linear lr warmup steps (Ho et al. 2020 use 5000 at full scale)
@@ -55,7 +58,7 @@ DEFAULTS = dict(
     ddpm_ckpt_every=100,
     # --- reward classifier and held-out evaluator (train_classifier.py) ---
     classifier_width=8,  # the reward classifier: ResNet-9 (Page 2018), channels w, 2w, 4w, 8w
-    classifier_steps=2000,  # 5 epochs of batch 128: a weaker reward classifier is easier to hack (README)
+    classifier_steps=2000,  # 5 epochs of batch 128: a weaker reward classifier is easier to hack
     evaluator_width=8,  # the held-out evaluator: VGG-style, channels w..8w (its 8w features give the FD)
     evaluator_steps=1500,
     cls_batch=128,  # these five are shared by both nets: SGD + Nesterov, one-cycle lr
@@ -72,15 +75,14 @@ DEFAULTS = dict(
     shortcut_grad_clip=1.0,
     shortcut_ckpt_every=100,
     cd_loss="huber",  # huber (pseudo-Huber, Song & Dhariwal 2023) | l2 (Song et al. 2023)
-    cd_target_ema=0.95,  # mu of the target network (Song et al. 2023); 0 = stop-grad student (Song & Dhariwal 2023), which fails on the eps-skip base (README)
+    cd_target_ema=0.95,  # mu of the target network (Song et al. 2023); 0 = stop-grad student (Song & Dhariwal 2023), which fails on the eps-skip base (docs/results.md)
     shortcut_ema=0.99,  # EMA of the student: the weights sampled, and used as the shortcut by ShortFT
     teacher_solver="ddim",  # ddim | heun: the teacher's ODE step t_{n+1} -> t_n
     teacher_chain_frac=0.5,  # part of each batch on the teacher's own DDIM-50 chains, not q(x_t|x_0) of real data
     shortcut_init="",  # a shortcut ckpt.pt to start the student from (its EMA) instead of the teacher: k ablations
     # --- ShortFT reward fine-tuning (shortft.py, train_shortft.py) ---
     reward="classifier:ship",  # rewards.py spec: brightness, brightness:0.8, classifier:<class>, 0.7*a+0.3*b
-    ft_steps=60,  # with ft_lr, on the CPU preset's base: held-out ship rate 0.012 -> 0.965 (README "Expected results")
-    ft_seconds=0.0,  # > 0: a wall-clock budget of training seconds instead of ft_steps (equal compute)
+    ft_steps=60,  # optimizer steps of the fine-tuning (P-Training splits them into equal phases)
     ft_batch=8,
     ft_lr=4e-4,
     ft_grad_clip=1.0,
@@ -90,12 +92,10 @@ DEFAULTS = dict(
     lora_targets="",  # comma list of layer-name parts to put LoRA on (e.g. attn,temb); empty = every conv/linear
     full_ft=False,  # train all base weights instead of LoRA (no T-LoRA then)
     tlora=True,  # timestep-aware LoRA: one LoRA per segment, stacked (PAPER.md Sec. 3)
-    progressive=True,  # P-Training: k stages, the real chain grows by a segment each stage
-    ptrain_t1_stage=False,  # P-Training's last stage trains LoRA k alone at t = 1, where it moves x_0 by <= 1.5 % of its eps change: skipped (k - 1 stages) unless true
+    progressive=True,  # P-Training: k phases, the real chain grows by a segment each phase
+    ptrain_t1_phase=False,  # P-Training's last phase trains LoRA k alone at t = 1, where it moves x_0 by <= 1.5 % of its eps change: skipped (k - 1 phases) unless true
     n_eval=256,  # DDIM-50 samples from fixed noise, scored before and after fine-tuning
     ft_ckpt_every=20,
-    ft_eval_every=0,  # > 0: also score DDIM-50 samples every this many steps (eval.csv: the reward/quality curve)
-    ft_eval_every_s=0.0,  # > 0: ... or every this many training seconds (curves of equal-time runs share their x)
     method="shortft",  # shortft | shortft_naive | draft | draft_lv | alignprop | drtune | full: where the gradient is cut (shortft.py)
     draft_k=1,  # DRaFT-K: the last K of the 50 steps carry gradient
     lv_n=2,  # DRaFT-LV: re-noised copies of sg(x_0), each taking the last step with gradient
@@ -117,7 +117,7 @@ DEFAULTS = dict(
 PRESETS = {
     "cpu": {},
     # The DDPM of Ho et al. 2020 for CIFAR-10 (35.7M parameters), in bf16, sized from measured step rates
-    # (benchmarks/gpu.py on an H200, README "One GPU"): predicted 18 min on an H200, about 25 on an H100.
+    # (benchmarks/gpu.py on an H200; docs/results.md): a prediction from measured rates, not a measured run.
     # It keeps the plain eps-prediction and the stop-grad target it was measured with.
     "gpu": dict(ch=128, ch_mult="1,2,2,2", num_res_blocks=2, attn_res="16", dropout=0.1, bf16=True, eps_skip=False,
                 cd_target_ema=0.0,
@@ -130,8 +130,14 @@ PRESETS = {
                 ft_steps=300, ft_batch=32, lora_rank=16, lora_alpha=16.0, n_eval=2000, ft_ckpt_every=100),
 }
 
+# The 10-minute start (README): the shipped classroom checkpoints (--pretrained) instead of the first three
+# stages, the CPU run's fine-tuning (60 steps of batch 8), and a smaller before/after evaluation: 128
+# DDIM-50 samples, 32 per network call (on a CPU, 256 per call costs twice as much per image). Measured:
+# 5.0 min on 2 free CPU cores, evaluation included (checkpoints/README.md). Any key still overrides it.
+PRESETS["quick"] = dict(pretrained=True, n_eval=128, sample_batch=32)
+
 SAMPLE_DEFAULTS = dict(  # keys of `python train_toy.py sample`
-    ckpt="",  # a checkpoint of the ddpm, shortcut or shortft stage (e.g. out/ddpm/ckpt.pt)
+    ckpt="",  # a checkpoint of the ddpm, shortcut or shortft stage (e.g. out/ddpm/ckpt.pt), or a ddpm or shortcut .safetensors (e.g. checkpoints/ddpm.safetensors)
     n=64,  # how many images
     sampler="ddim",  # ddim | ddpm | shortcut (a shortcut checkpoint: k + 1 network calls)
     steps=50,  # DDIM steps
@@ -162,14 +168,14 @@ AT_LEAST_1 = ("ddpm_steps", "ddpm_batch", "ddpm_warmup", "ddpm_ckpt_every", "log
               "cls_batch", "cls_ckpt_every", "k_segments", "shortcut_steps", "shortcut_batch", "shortcut_ckpt_every",
               "ft_steps", "ft_batch", "lora_rank", "ft_ckpt_every", "draft_k", "lv_n", "grid_ddpm", "grid_shortcut",
               "grid_ft", "sample_batch", "fid_ref_n")
-AT_LEAST_0 = ("n_boot", "ddpm_min_snr", "n_train", "n_test", "seed", "ft_seconds", "ft_eval_every", "ft_eval_every_s", "cls_weight_decay", "alignprop_min", "fid_n")
+AT_LEAST_0 = ("n_boot", "ddpm_min_snr", "n_train", "n_test", "seed", "cls_weight_decay", "alignprop_min", "fid_n")
 POSITIVE = ("ddpm_lr", "cls_lr", "shortcut_lr", "ft_lr", "ddpm_grad_clip", "shortcut_grad_clip", "ft_grad_clip",
             "lora_alpha", "ft_reward_scale", "beta_1")  # a clip <= 0 zeroes or reverses the gradient
 IN_0_1 = ("ddpm_ema", "shortcut_ema", "cd_target_ema", "teacher_chain_frac")  # probabilities and EMA rates
 BELOW_1 = ("dropout", "cls_label_smoothing")  # in [0, 1)
 CHOICES = dict(device=("auto", "cuda", "mps", "cpu"), ddpm_lr_schedule=("constant", "cosine"),
                ft_clip_grad=("hard", "straight_through"), cd_loss=("huber", "l2"), teacher_solver=("ddim", "heun"),
-               method=("shortft", "shortft_naive", "draft", "draft_lv", "alignprop", "drtune", "full"))
+               method=METHODS)
 MAX_SEED = 2**32 - 1  # numpy's seeds
 
 
@@ -201,6 +207,22 @@ def check(cfg):
     need(lambda v: _ints(v) is not None and 1 <= len(_ints(v)) <= 6 and min(_ints(v)) >= 1, "ch_mult",
          "a comma list of 1 to 6 positive integers (32 px halves at most 5 times)")
     need(lambda v: _ints(v, empty=True) is not None, "attn_res", "a comma list of resolutions (integers)")
+    need(lambda v: bool(str(v).strip()), "out_dir", "a folder (empty would write the stages into the working directory)")
+    for key, most in (("T", 10000), ("ch", 512), ("num_res_blocks", 8)):  # bounded: no allocation traceback
+        need(lambda v: v <= most, key, f"at most {most}")
+    mult = _ints(cfg.get("ch_mult", "1"))
+    if mult is not None and "attn_res" in cfg and _ints(cfg["attn_res"], empty=True) is not None:
+        sizes = [32 // 2**i for i in range(len(mult))]  # the UNet's resolutions, 32 px halving per level
+        need(lambda v: set(_ints(v, empty=True)) <= set(sizes), "attn_res", f"resolutions of the UNet, among {sizes}")
+    for key in ("k_segments", "draft_k", "drtune_k"):  # segments and steps of the DDIM-50 chain
+        need(lambda v: 1 <= v <= N_CHAIN, key, f"in [1, {N_CHAIN}] (the DDIM-{N_CHAIN} chain)")
+    need(lambda v: v <= N_CHAIN and v >= cfg.get("alignprop_min", 0), "alignprop_max",
+         f"in [--alignprop_min, {N_CHAIN}] (AlignProp's window on the DDIM-{N_CHAIN} chain)")
+    if "reward" in cfg:
+        try:
+            parse_reward_spec(cfg["reward"])  # a typo in --reward fails here, before any stage trains
+        except ValueError as e:
+            raise UserError(f"--reward: {e}") from None
 
 
 def _ints(text, empty=False):

@@ -17,8 +17,8 @@ its gradient is exactly sum_{i >= 50-K} g_i: one decomposition gives the whole d
 import torch
 
 import ddpm
-from shortft import (alignprop_chain, draft_chain, draft_lv_chain, drtune_chain, full_chain, set_stage,
-                     shortft_chain)
+from baselines import method_chain
+from shortft import set_phase
 
 
 def flat(grads, params):
@@ -59,27 +59,18 @@ def full_decomposition(model, sched, x_T, timesteps, reward, params, n_total=Non
                 clipped=torch.tensor(clipped), reward=r.detach())
 
 
-def method_gradient(method, ft, student, sched, x_T, timesteps, reward, params, n_total=None, stage=0,
+def method_gradient(method, ft, student, sched, x_T, timesteps, reward, params, n_total=None, phase=0,
                     generator=None, draft_k=1, lv_n=2, window=(0, 50), drtune_k=5):
     """The gradient of sum_b r(x_0^b) / n_total w.r.t. params through `method`'s training chain (as
-    train_shortft.py runs it; shortft at P-Training stage `stage`), as one vector."""
+    train_shortft.py runs it: baselines.method_chain; shortft at P-Training phase `phase`), as one vector."""
     n_total = n_total or len(x_T)
-    if method in ("shortft", "shortft_naive"):
-        set_stage(ft, stage)
-        x0 = shortft_chain(ft, student, sched, x_T, ft.groups, stage)
-        set_stage(ft, 0)
-    elif method == "draft":
-        x0 = draft_chain(ft, sched, x_T, timesteps, draft_k)
-    elif method == "draft_lv":
-        x0 = draft_lv_chain(ft, sched, x_T, timesteps, lv_n)
-    elif method == "alignprop":
-        x0 = alignprop_chain(ft, sched, x_T, timesteps, window, generator)
-    elif method == "drtune":
-        x0 = drtune_chain(ft, sched, x_T, timesteps, drtune_k, generator)
-    elif method == "full":
-        x0 = full_chain(ft, sched, x_T, timesteps)
-    else:
-        raise ValueError(method)
+    shortft = method in ("shortft", "shortft_naive")
+    if shortft:
+        set_phase(ft, phase)
+    x0 = method_chain(method, ft, student, sched, x_T, ft.groups, timesteps, phase, draft_k, lv_n, window, drtune_k,
+                      generator=generator)
+    if shortft:
+        set_phase(ft, 0)
     r = reward(x0)
     copies = len(x0) // len(x_T)  # DRaFT-LV: n copies per sample, averaged
     grads = torch.autograd.grad(r.sum() / (n_total * copies), params, allow_unused=True)

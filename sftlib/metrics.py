@@ -22,13 +22,16 @@ The evaluator's real test features are computed once and cached in <out_dir>/eva
 """
 import json
 import os
+import re
 
 import numpy as np
 import torch
 
-from rewards import build_reward, class_index, parse_reward_spec
+import ddpm
+from rewards import class_index, parse_reward_spec
 from sftlib import config
-from sftlib.common import UserError, atomic_path, load_checkpoint, pick_device
+from sftlib.common import UserError, atomic_path, load_checkpoint, pick_device, to_uint8
+from sftlib.models import load_reward
 from sftlib.data import CLASSES, load_cifar10
 from sftlib.fid import frechet_distance, gaussian_stats  # the Fréchet distance of any features (FID's formula)
 from sftlib.nets import load_classifier
@@ -224,11 +227,36 @@ def evaluate_samples(images, out_dir, device, target=None, reward=None, fid=Fals
             m["classifier_target_rate"] = float((logp_r.argmax(1) == target).mean())
             m["classifier_mean_reward"] = float(logp_r[:, target].mean())  # the reward classifier:<target>
     if reward:
-        r = build_reward(reward, out_dir, device)
+        r = load_reward(reward, out_dir, device)
         with torch.no_grad():  # scoring only
             vals = [r(x[i:i + 500].to(device).float() / 127.5 - 1).cpu() for i in range(0, len(x), 500)]
         m["reward"], m["reward_mean"] = r.name, float(torch.cat(vals).mean())
     return {**head, **m}
+
+
+@torch.no_grad()  # evaluation samples: no graph
+def ddim50(model, sched, x_T, batch=256):
+    """DDIM-50 samples of `model` from the noise x_T (N, 3, 32, 32), `batch` images per network call."""
+    steps = ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN)
+    return torch.cat([ddpm.ddim_sample(model, sched, x_T[i:i + batch], steps) for i in range(0, len(x_T), batch)])
+
+
+def evaluate_model(model, sched, x_T, cfg, device, fid_n=0):
+    """Held-out scores (evaluate_samples) of the DDIM-50 samples of `model` from the fixed noise x_T, with
+    cfg's reward and its target class; fid_n > 0: Inception FID and KID first, of fid_n samples (x_T's,
+    then more fixed noise). Returns (scores, samples)."""
+    x0 = ddim50(model, sched, x_T, cfg["sample_batch"])
+    target = re.search(r"classifier:(\w+)", cfg["reward"])
+    m = evaluate_samples(to_uint8(x0), cfg["out_dir"], device, target=target.group(1) if target else None,
+                         reward=cfg["reward"])
+    if fid_n > 0:
+        x_fid = x0[:fid_n]
+        if fid_n > len(x0):  # more DDIM-50 samples, of fixed noise too
+            g = torch.Generator().manual_seed(8765)
+            x_more = torch.randn(fid_n - len(x0), 3, 32, 32, generator=g).to(x_T.device)
+            x_fid = torch.cat([x0, ddim50(model, sched, x_more, cfg["sample_batch"])])
+        m = {**inception_metrics(to_uint8(x_fid), cfg["out_dir"], device, ref_n=cfg["fid_ref_n"]), **m}
+    return m, x0
 
 
 def fid_reference(out_dir, device, stats_path="", ref_n=10000):

@@ -1,10 +1,12 @@
 """Loading the models the stages write, for the later stages and for sampling: the base DDPM, the
-shortcut (its distilled student) and the fine-tuned base model (base + LoRA)."""
-import ddpm
-from sftlib import lora
+shortcut (its distilled student), the fine-tuned base model (base + LoRA) and the reward."""
 import os
 
+import ddpm
+import rewards
+import tlora
 from sftlib.common import UserError, file_sha256, load_checkpoint
+from sftlib.nets import load_classifier
 from shortft import FineTuned, merge_for_sampling, segment_groups
 from unet import build_unet
 
@@ -54,13 +56,13 @@ def build_finetuned(cfg, base_path, shortcut_edges, device):
     """The base UNet (EMA weights) with LoRA (or fully trainable), wrapped as a FineTuned eps-predictor."""
     unet, sched, _ = load_ddpm(base_path, device)
     groups = segment_groups(ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN), list(shortcut_edges))
-    tlora = cfg["tlora"] and not cfg["full_ft"] and cfg["method"] in ("shortft", "shortft_naive")  # the baselines train one plain LoRA
+    use_tlora = cfg["tlora"] and not cfg["full_ft"] and cfg["method"] in ("shortft", "shortft_naive")  # the baselines train one plain LoRA
     if cfg["full_ft"]:
         unet.requires_grad_(True)
     else:
-        lora.add_lora(unet, cfg["lora_rank"], cfg["lora_alpha"], len(groups) if tlora else 1, cfg["lora_targets"])
+        tlora.add_lora(unet, cfg["lora_rank"], cfg["lora_alpha"], len(groups) if use_tlora else 1, cfg["lora_targets"])
         unet.to(device)
-    return FineTuned(unet, groups, tlora=tlora), sched
+    return FineTuned(unet, groups, tlora=use_tlora), sched
 
 
 def load_finetuned(path, device):
@@ -87,3 +89,16 @@ def base_of(path, ckpt):
         raise UserError(f"{path} was fine-tuned from another base model than {' or '.join(found)} (SHA-256 differs): "
                         f"put its base at {beside}")
     raise UserError(f"the base model of {path} is missing: expected it at {beside} (or {ckpt['base']})")
+
+
+def load_reward(spec, out_dir, device):
+    """rewards.build_reward with the pipeline's reward classifier (<out_dir>/classifier/ckpt.pt) loaded
+    when the spec has a classifier term."""
+    net = None
+    if rewards.needs_classifier(spec):
+        path = os.path.join(out_dir, "classifier", "ckpt.pt")
+        if not os.path.isfile(path):
+            raise UserError(f"the classifier reward needs {path}: train it first with "
+                            f"python train_toy.py --stages=classifier --out_dir={out_dir}")
+        net = load_classifier(path, device, "classifier")
+    return rewards.build_reward(spec, net)

@@ -3,7 +3,11 @@ project's own commands and shipped in checkpoints/ as .safetensors (fp16 weights
 facts in the metadata; checkpoints/README.md holds their cards). `python train_toy.py --pretrained`
 installs them as the complete ddpm, shortcut, classifier and evaluator stages of --out_dir, so the
 pipeline goes straight to the ShortFT stage: minutes on a laptop CPU instead of half an hour, on a base
-model trained far longer than the CPU preset can."""
+model trained far longer than the CPU preset can. `python train_toy.py --preset=quick` is that run with
+a smaller evaluation (config.PRESETS["quick"]). The config the run prints and stores holds the shipped
+models' own shape, step and training keys (install), never the CPU preset's values for stages it did not
+train. `python train_toy.py sample --ckpt=checkpoints/ddpm.safetensors` draws from a shipped model
+directly (load_unet)."""
 import os
 import shutil
 
@@ -19,6 +23,11 @@ SHIPPED_KEYS = {"ddpm": ("T", "beta_1", "beta_T", "clip_x0", "ch", "ch_mult", "n
                 "shortcut": ("k_segments", "shortcut_steps"),
                 "classifier": ("classifier_width", "classifier_steps"),
                 "evaluator": ("evaluator_width", "evaluator_steps")}
+# how each shipped model was trained (its stage's keys, by prefix): the run takes these from the model too,
+# so its printed and stored config never shows the CPU preset's values for stages it did not train
+TRAINING_KEYS = {"ddpm": ("ddpm_", "sample_every", "grid_ddpm"),
+                 "shortcut": ("shortcut_", "cd_", "teacher_", "grid_shortcut"),
+                 "classifier": ("cls_",), "evaluator": ()}  # cls_* trained both nets, in one run
 # the current run's own: where it reads and writes (never the folders of the run that trained them)
 RUN_KEYS = ("out_dir", "data_root", "device", "resume", "stages", "preset", "seed", "n_train", "n_test")
 
@@ -29,13 +38,39 @@ def read(stage, folder=FOLDER):
     if not os.path.isfile(path):
         raise UserError(f"--pretrained needs {path}, which ships with the repository: "
                         f"restore it with git checkout -- checkpoints/")
+    return read_file(path, stage)
+
+
+def read_file(path, kinds):
+    """(float32 state dict, metadata) of any .safetensors this project writes (the shipped models, a
+    stage's model.safetensors) whose kind is one of `kinds`, or a one-line error."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
     try:
         state, meta = read_safetensors(path)
     except Exception as e:  # a torn or foreign file
         raise UserError(f"could not read {path} ({type(e).__name__}): is it corrupt?") from None
-    if meta.get("kind") != stage:
-        raise UserError(f"{path} holds a {meta.get('kind')!r}, not a {stage!r}")
+    if meta.get("kind") not in kinds:
+        raise UserError(f"{path} holds a {meta.get('kind')!r}, not a {' or '.join(map(repr, kinds))}")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, meta
+
+
+def load_unet(path, kinds, device):
+    """(UNet in eval mode, schedule, metadata) of a ddpm or shortcut .safetensors, e.g.
+    checkpoints/ddpm.safetensors: what `train_toy.py sample --ckpt=FILE.safetensors` draws from."""
+    from sftlib.models import schedule_of
+    from unet import build_unet
+
+    state, meta = read_file(path, kinds)
+    if not isinstance(meta.get("config"), dict):
+        raise UserError(f"{path} has no config in its metadata: not a file this project wrote")
+    net = build_unet(meta["config"])
+    try:
+        net.load_state_dict(state)
+    except RuntimeError:
+        raise UserError(f"{path}: weights do not match the UNet its config describes") from None
+    return net.to(device).eval().requires_grad_(False), schedule_of(meta["config"], device), meta
 
 
 def install(cfg, folder=FOLDER):
@@ -47,6 +82,7 @@ def install(cfg, folder=FOLDER):
         state, meta = read(stage, folder)
         ckpt_cfg = dict(meta["config"], **{k: cfg[k] for k in RUN_KEYS})
         shipped.update({k: meta["config"].get(k, LEGACY.get(k)) for k in SHIPPED_KEYS[stage]})
+        shipped.update(training_keys(stage, meta["config"], cfg))
         path = os.path.join(cfg["out_dir"], stage, "ckpt.pt")
         if os.path.exists(path):
             print(f"[pretrained] {path} exists: kept (remove it to install the shipped {stage})")
@@ -65,8 +101,23 @@ def install(cfg, folder=FOLDER):
                 shutil.copyfile(ckpt["pretrained"], tmp)
         print(f"[pretrained] {stage}: installed {ckpt['pretrained']} as {path} ({meta['step']} steps"
               + (f", test accuracy {meta['test_acc']:.1%}" if "test_acc" in meta else "") + ")")
+    typed = getattr(cfg, "given", None) or ()
+    for k in sorted(k for k in typed if k in shipped and cfg[k] != shipped[k]):
+        print(f"[pretrained] --{k}={cfg[k]} ignored: the shipped models have {k}={shipped[k]}")
     cfg.update(shipped)
     return shipped
+
+
+def training_keys(stage, shipped_cfg, cfg):
+    """{key: the value it had when the shipped `stage` was trained} for that stage's training keys
+    (TRAINING_KEYS) that the current config has; a key the shipped config lacks (added later) takes its
+    LEGACY value, or is left as it is when there is none."""
+    keys = [k for k in cfg if k.startswith(TRAINING_KEYS[stage]) and k not in RUN_KEYS]
+    return {k: shipped_cfg[k] if k in shipped_cfg else LEGACY[k] for k in keys if k in shipped_cfg or k in LEGACY}
+
+
+SHIPPED_NOTE = ("ddpm, shortcut, classifier, evaluator: shipped (checkpoints/README.md); their shape, step and "
+                "training keys above are the shipped models' own")
 
 
 def shipped_models_are_loadable(device="cpu"):

@@ -1,7 +1,7 @@
 """ShortFT on Stable Diffusion 1.5 (PAPER.md Sec. 3 and 5): the SD pieces that let shortft.py run unchanged
 (the rewards on decoded images are in sftlib/sd_rewards.py, the fine-tuning stage in train_sd.py).
 
-shortft.shortft_chain(model, student, sched, x_T, groups, stage) needs three things, built here:
+shortft.shortft_chain(model, student, sched, x_T, groups, phase) needs three things, built here:
 - `sched`: SD 1.5's noise schedule in ddpm.py's interface (SDSchedule: .abar(t), .clip_x0, .T);
 - `model`: the base UNet with trainable T-LoRA as an eps-predictor (SDFineTuned, a shortft.FineTuned);
 - `student`: the same UNet with the frozen few-step LoRA (Hyper-SD / TCD / LCM-LoRA), SDFineTuned.shortcut.
@@ -169,7 +169,7 @@ class SDFineTuned(FineTuned):
     the base model with the T-LoRA stack of t (FineTuned.stack: LoRAs 1..j from segment j's last timestep
     on); .shortcut(x, t) is the frozen few-step model. Both apply classifier-free guidance (Ho & Salimans
     2022, Eq. 6): eps = eps(x, t, "") + w (eps(x, t, c) - eps(x, t, "")); w = 1 is one conditional call.
-    `trainable` is which adapters get gradient (set_stage); `grad_checkpoint` recomputes each UNet call
+    `trainable` is which adapters get gradient (set_phase); `grad_checkpoint` recomputes each UNet call
     in backward."""
 
     def __init__(self, unet, groups, names, tlora=True, guidance=7.5, shortcut_guidance=1.0,
@@ -211,9 +211,9 @@ class SDFineTuned(FineTuned):
         return eps_u + w * (eps_c - eps_u)  # (B, 4, h, w)
 
 
-def set_stage(ft, stage):
-    """P-Training, as shortft.set_stage: in stage i only LoRAs i..k-1 train (all of them without T-LoRA)."""
-    ft.trainable = set(ft.names[stage:] if ft.tlora else ft.names)
+def set_phase(ft, phase):
+    """P-Training, as shortft.set_phase: in phase i only LoRAs i..k-1 train (all of them without T-LoRA)."""
+    ft.trainable = set(ft.names[phase:] if ft.tlora else ft.names)
     for name in ft.names:
         for p in adapter_params(ft.unet, name):
             p.requires_grad_(name in ft.trainable)

@@ -30,14 +30,14 @@ from sftlib.common import (CKPT_KEYS, UserError, load_checkpoint, open_log, pick
 # What --resume means: the run goes on with the config stored in its checkpoint. A key typed on the
 # command line that differs from it is an error, except these, which may change on resume: the
 # budgets, the learning rates (to go on after a NaN with a lower one) and the run's plumbing.
-RESUME_MAY_CHANGE = ("ddpm_steps", "shortcut_steps", "classifier_steps", "evaluator_steps", "ft_steps", "ft_seconds",
+RESUME_MAY_CHANGE = ("ddpm_steps", "shortcut_steps", "classifier_steps", "evaluator_steps", "ft_steps",
                      "ddpm_lr", "shortcut_lr", "cls_lr", "ft_lr", "log_every", "sample_every", "ddpm_ckpt_every",
-                     "shortcut_ckpt_every", "cls_ckpt_every", "ft_ckpt_every", "ft_eval_every", "ft_eval_every_s", "bf16", "compile",
+                     "shortcut_ckpt_every", "cls_ckpt_every", "ft_ckpt_every", "bf16", "compile",
                      "resume", "device", "stages", "preset", "out_dir", "data_root", "grid_ddpm", "grid_shortcut",
                      "grid_ft", "sample_batch", "fid_n", "fid_ref_n", "pretrained")
 # keys added after checkpoints were written without them: such a checkpoint ran with these values
-LEGACY = dict(eps_skip=False, ddpm_min_snr=0.0, ddpm_lr_schedule="constant", ft_clip_grad="hard", ptrain_t1_stage=True,
-              ft_eval_every_s=0.0)
+LEGACY = dict(eps_skip=False, ddpm_min_snr=0.0, ddpm_lr_schedule="constant", ft_clip_grad="hard", ptrain_t1_phase=True)
+RENAMED = dict(ptrain_t1_stage="ptrain_t1_phase")  # old key -> its name now (P-Training's steps are phases)
 # ... and these always come from the current command, never from the checkpoint: a copied or moved
 # run reads and writes where it is now
 RESUME_FROM_COMMAND = ("out_dir", "data_root", "device", "resume", "stages")
@@ -45,7 +45,7 @@ RESUME_FROM_COMMAND = ("out_dir", "data_root", "device", "resume", "stages")
 RESUME_KEYS = {"ddpm": ("opt", "step", "rng", "elapsed"), "shortcut": ("opt", "step", "rng", "elapsed", "target"),
                "classifier": ("opt", "step", "rng", "elapsed", "test_acc"),
                "evaluator": ("opt", "step", "rng", "elapsed", "test_acc"),
-               "shortft": ("opt", "step", "rng", "done", "train_s", "before", "history", "curve")}
+               "shortft": ("opt", "step", "rng", "done", "train_s", "before", "history")}
 _LOCKS = {}  # (device, inode) of a lock file -> this process's open lock file (held until the process ends)
 
 
@@ -142,6 +142,7 @@ class Stage:
         given = getattr(self.cfg, "given", None)
         given = set(self.cfg) if given is None else given
         conflicts, changed = [], {}
+        saved = {RENAMED.get(k, k): v for k, v in saved.items()}
         saved = {**{k: v for k, v in LEGACY.items() if k in self.cfg}, **saved}  # an older checkpoint's missing keys
         for k, v in saved.items():
             if k not in self.cfg or v == self.cfg[k] or k in RESUME_FROM_COMMAND:

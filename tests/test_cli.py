@@ -1,5 +1,6 @@
 """The command line on real CIFAR-10: training lowers the loss, checkpoints, sampling, resume, bad input."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,3 +106,18 @@ def test_corrupt_checkpoint_and_bad_n(tmp_path, tiny_ddpm):
     bad.write_bytes(open(os.path.join(tiny_ddpm, "ddpm", "ckpt.pt"), "rb").read()[:5000])  # torn file
     assert "corrupt" in one_line_error(run_cli("sample", f"--ckpt={bad}", check=False))
     assert "--n" in one_line_error(run_cli("sample", f"--ckpt={tiny_ddpm}/ddpm/ckpt.pt", "--n=0", check=False))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--out_dir=", "--out_dir must be a folder"), ("--T=4000000000", "--T must be at most 10000"),
+    ("--ch=2000000", "--ch must be at most 512"), ("--attn_res=3", "--attn_res must be resolutions of the UNet"),
+    ("--k_segments=51", "--k_segments must be in [1, 50]"), ("--reward=classifier:spaceship", "--reward: unknown class"),
+])
+def test_nonsense_is_refused_before_anything_runs(override, needle):
+    """Checked where the command line is read (config.check), before any stage starts, in-process."""
+    from sftlib import config
+    from sftlib.common import UserError
+
+    with pytest.raises(UserError, match=re.escape(needle)):
+        config.resolve([override, "--preset=cpu"], False)
+    config.resolve(["--preset=cpu"], False)  # the defaults themselves pass

@@ -60,7 +60,7 @@ def test_segment_edges():
     assert len(e8) == 8 and e8 == sorted(e8, reverse=True) and e8[-1] == 1 and set(e8) <= set(grid)
     assert C.segment_edges(1000, 50, 50) == grid  # every DDIM step its own segment
     for bad in (0, -1, 51):
-        with pytest.raises(UserError):
+        with pytest.raises(ValueError):
             C.segment_edges(1000, 50, bad)
 
 
@@ -216,7 +216,7 @@ def test_shortcut_stage_rejects_a_bad_teacher(tmp_path):
     with pytest.raises(UserError, match="do not match"):
         train_shortcut.train(dict(cfg), torch.device("cpu"))
     fake_teacher(tmp_path)
-    with pytest.raises(UserError, match="k_segments"):
+    with pytest.raises(ValueError, match="k_segments"):
         train_shortcut.train(dict(cfg, k_segments=0), torch.device("cpu"))
 
 

@@ -160,8 +160,8 @@ MUTANTS = {
         "the jump starts one step early, at the previous edge": [("x = jump(student, sched, x, g[0], g[-1])", "x = jump(student, sched, x, groups[j - 1][-1], g[-1])")],
         "no base step at the edge after a jump": [("x = base_step(model, sched, x, g[-1], next_t(groups, j, len(g) - 1))  # the base step at s_j", "pass")],
         "the jump's input is detached": [("x = jump(student, sched, x, g[0], g[-1])", "x = jump(student, sched, x.detach(), g[0], g[-1])")],
-        "calls shortft.shortft_chain": [(None, "\n\ndef shortft_chain(model, student, sched, x_T, groups, stage=0):\n    import shortft\n"
-                                               "    return shortft.shortft_chain(model, student, sched, x_T, groups, stage)\n")],
+        "calls shortft.shortft_chain": [(None, "\n\ndef shortft_chain(model, student, sched, x_T, groups, phase=0):\n    import shortft\n"
+                                               "    return shortft.shortft_chain(model, student, sched, x_T, groups, phase)\n")],
     },
     "ex4_reach": {
         "the probe detaches eps": [("return eps + delta", "return eps.detach() + delta")],
@@ -192,8 +192,8 @@ MUTANTS = {
                                                             "for i in range(len(steps) - K, len(steps)):  # the last K calls, with a graph\n        x = x.detach() if i == K else x\n        x = ddim_call")],
         "the batch's sum, not its mean": [("r = reward(x).mean()", "r = reward(x).sum()")],
         "cosine without normalising": [("return float(torch.dot(a, b) / (a.norm() * b.norm()).clamp(min=1e-30))", "return float(torch.dot(a, b))")],
-        "calls shortft.draft_chain": [(None, "\n\ndef truncated_gradient(model, sched, x_T, steps, K, reward, params):\n    import shortft\n"
-                                             "    x = shortft.draft_chain(model, sched, x_T, steps, K)\n"
+        "calls baselines.draft_chain": [(None, "\n\ndef truncated_gradient(model, sched, x_T, steps, K, reward, params):\n    import baselines\n"
+                                             "    x = baselines.draft_chain(model, sched, x_T, steps, K)\n"
                                              "    return flatten(torch.autograd.grad(reward(x).mean(), params, allow_unused=True), params)\n")],
     },
     "ex8_shortcut": {
@@ -218,12 +218,12 @@ MUTANTS = {
     },
     "ex10_ptrain": {
         "the real chain calls the UNet, not the T-LoRA model": [("real = ddpm.ddim_sample(ft, sched, x_T, steps)", "real = ddpm.ddim_sample(ft.unet, sched, x_T, steps)")],
-        "the stage is ignored": [("short = shortft_chain(ft, student, sched, x_T, ft.groups, stage)", "short = shortft_chain(ft, student, sched, x_T, ft.groups, 0)")],
+        "the phase is ignored": [("short = shortft_chain(ft, student, sched, x_T, ft.groups, phase)", "short = shortft_chain(ft, student, sched, x_T, ft.groups, 0)")],
         "one number for the batch": [("return (short - real).pow(2).flatten(1).mean(1)  # (B,)", "return (short - real).pow(2).mean()")],
         "summed over the pixels, not averaged": [("return (short - real).pow(2).flatten(1).mean(1)  # (B,)", "return (short - real).pow(2).flatten(1).sum(1)")],
-        "calls train_shortft.chain_gap": [(None, "\n\ndef chain_gap(ft, student, sched, x_T, steps, stage=0):\n    import train_shortft\n"
-                                                 "    cfg = dict(method='shortft')\n    real = ddpm.ddim_sample(ft, sched, x_T, steps)\n"
-                                                 "    return train_shortft.chain_gap(cfg, ft, student, sched, x_T, real, stage) * torch.ones(len(x_T))\n")],
+        "calls ft_probe.chain_gap": [(None, "\n\ndef chain_gap(ft, student, sched, x_T, steps, phase=0):\n    from benchmarks import ft_probe\n"
+                                           "    cfg = dict(method='shortft')\n    real = ddpm.ddim_sample(ft, sched, x_T, steps)\n"
+                                           "    return ft_probe.chain_gap(cfg, ft, student, sched, x_T, real, phase) * torch.ones(len(x_T))\n")],
     },
 }
 

@@ -331,28 +331,28 @@ def test_fid_reference_without_a_file_computes_and_caches(tmp_path, monkeypatch,
 
 
 def test_in_run_evaluation_scores_fid_n_samples(monkeypatch):
-    """train_shortft.evaluate with fid_n: FID/KID first, of exactly fid_n DDIM-50 samples, the first ones
+    """metrics.evaluate_model with fid_n: FID/KID first, of exactly fid_n DDIM-50 samples, the first ones
     those of the evaluation noise x_T, the rest from more fixed noise; without fid_n, no Inception call.
     The network and the scorers are stand-ins (a constant-eps model; recorded calls)."""
     import ddpm
-    import train_shortft
+    from sftlib import metrics
 
     seen = []
-    monkeypatch.setattr(train_shortft, "evaluate_samples", lambda images, *a, **k: {"fd": 1.0, "n": len(images)})
+    monkeypatch.setattr(metrics, "evaluate_samples", lambda images, *a, **k: {"fd": 1.0, "n": len(images)})
 
     def fake_inception(images, out_dir, device, stats_path="", ref_n=10000):
         seen.append((images.copy(), ref_n))
         return {"fid": 2.0, "kid": 0.0}
 
-    monkeypatch.setattr(train_shortft, "inception_metrics", fake_inception)
+    monkeypatch.setattr(metrics, "inception_metrics", fake_inception)
     model = lambda x, t: 0.1 * x  # noqa: E731  (B, 3, 32, 32) -> eps
     sched = ddpm.Schedule()
     x_T = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     cfg = {"reward": "classifier:ship", "out_dir": "out", "fid_ref_n": 123, "sample_batch": 256}
-    m, x0 = train_shortft.evaluate(model, sched, x_T, cfg, "cpu")
+    m, x0 = metrics.evaluate_model(model, sched, x_T, cfg, "cpu")
     assert seen == [] and m == {"fd": 1.0, "n": 4}
     for fid_n in (3, 6):
-        m, x0 = train_shortft.evaluate(model, sched, x_T, cfg, "cpu", fid_n=fid_n)
+        m, x0 = metrics.evaluate_model(model, sched, x_T, cfg, "cpu", fid_n=fid_n)
         images, ref_n = seen[-1]
         assert list(m) == ["fid", "kid", "fd", "n"] and len(images) == fid_n and ref_n == 123
         assert np.array_equal(images[:min(fid_n, 4)], fid.to_uint8(x0)[:fid_n])

@@ -5,9 +5,10 @@ import torch
 import torch.nn as nn
 
 import ddpm
-from sftlib import lora
+import tlora
 from sftlib.gradstudy import cosine, full_decomposition, method_gradient
-from shortft import FineTuned, draft_chain, full_chain, segment_groups
+from baselines import draft_chain, full_chain
+from shortft import FineTuned, segment_groups
 from unet import UNet
 
 STEPS = ddpm.ddim_timesteps(1000, 10)  # a 10-step chain keeps the test fast; the identities hold for any
@@ -16,9 +17,9 @@ STEPS = ddpm.ddim_timesteps(1000, 10)  # a 10-step chain keeps the test fast; th
 def model_and_reward(clip=True, seed=0):
     torch.manual_seed(seed)
     unet = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_res=(), dropout=0.0).eval()
-    lora.add_lora(unet, rank=2, alpha=2.0, k=1)
+    tlora.add_lora(unet, rank=2, alpha=2.0, k=1)
     with torch.no_grad():  # non-zero B so that A gets gradient too
-        for m in lora.lora_layers(unet):
+        for m in tlora.lora_layers(unet):
             m.B[0].weight.normal_(0, 0.05)
     ft = FineTuned(unet, segment_groups(STEPS, [STEPS[-1]]), tlora=False)
     sched = ddpm.Schedule(clip_x0=clip)

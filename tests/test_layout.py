@@ -1,5 +1,6 @@
-"""The layout: the import graph of the project's own modules is a DAG, concept modules import no stage,
-the library imports no stage or entry point, and every entry point answers --help with all its options."""
+"""The layout: the import graph of the project's own modules is a DAG that reads bottom-up (concepts ->
+library -> stages -> entry points and benchmarks), no file outside tests/ is over 400 lines, and every
+entry point answers --help with all its options."""
 import ast
 import os
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 
-CONCEPTS = {"ddpm", "unet", "consistency", "shortft", "rewards"}  # what a paper reader opens first
+CONCEPTS = {"ddpm", "unet", "consistency", "tlora", "shortft", "baselines", "rewards"}  # what a paper reader opens first
 SCRIPTS = {"train_toy", "train_ddpm", "train_shortcut", "train_classifier", "train_shortft", "train_sd"}
 
 
@@ -71,6 +72,35 @@ def test_concepts_and_library_import_no_stage_or_entry_point():
         if m in CONCEPTS or m.startswith("sftlib."):
             bad = {d for d in deps if d in SCRIPTS or d.startswith("benchmarks.")}
             assert not bad, f"{m} imports {bad}"
+
+
+def test_concepts_import_only_concepts():
+    """The paper's files read on their own: a concept imports other concepts (and torch), never the library,
+    a stage, an entry point or a benchmark."""
+    g = graph()
+    assert CONCEPTS <= set(g), CONCEPTS - set(g)
+    for m in CONCEPTS:
+        assert g[m] <= CONCEPTS, f"{m} imports {g[m] - CONCEPTS}"
+
+
+def test_the_layer_check_sees_a_concept_importing_the_library(tmp_path):
+    """The check itself: a concept file importing sftlib is caught by the same parser."""
+    (tmp_path / "c.py").write_text("import torch\nfrom sftlib.common import UserError\n")
+    assert imports(str(tmp_path / "c.py"), {"sftlib.common": 0, "ddpm": 0}) == {"sftlib.common"}
+
+
+def test_no_file_outside_tests_is_over_400_lines():
+    found = {}
+    for dirpath, dirnames, files in os.walk(ROOT):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in ("tests", "data", "out", "__pycache__")]
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                with open(path, encoding="utf-8") as fh:
+                    found[os.path.relpath(path, ROOT)] = sum(1 for _ in fh)
+    assert "shortft.py" in found and "benchmarks/bench_compare.py" in found  # the walk sees the tree
+    over = {f: n for f, n in found.items() if n > 400}
+    assert not over, over
 
 
 def test_no_root_module_shadows_a_common_package():

@@ -12,7 +12,7 @@ from conftest import ROOT, TINY, run_cli
 from test_cli import one_line_error
 
 SMALL = ["--n_test=500", "--shortcut_steps=10", "--classifier_steps=10", "--evaluator_steps=10", "--ft_steps=4",
-         "--ft_ckpt_every=2", "--ft_eval_every=2", "--n_eval=16", "--ft_batch=2", "--ddpm_steps=200"]
+         "--ft_ckpt_every=2", "--n_eval=16", "--ft_batch=2", "--ddpm_steps=200"]
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +32,27 @@ def test_pipeline_runs_every_stage_and_prints_results(pipeline):
     for key in ("evaluator_target_rate", "fd", "reward_mean"):
         assert key in m["before"] and key in m["after"]
     assert m["after"]["n_samples"] == 16 and m["steps"] == 4
-    # eval.csv: the held-out scores before, at step 2 (--ft_eval_every=2) and at the end, the same as metrics.json's
-    rows = np.genfromtxt(out / "shortft" / "eval.csv", delimiter=",", names=True)
-    assert list(rows["step"]) == [0, 2, 4]
+    assert "| held-out evaluator: target-class rate |" in stdout and "| shortft |" in stdout
+    assert not (out / "shortft" / "eval.csv").exists() and "curve" not in m  # the probe's, not the stage's
+
+
+def test_probe_scores_the_same_loop_along_training(pipeline, tmp_path, cifar_root):
+    """benchmarks/ft_probe.py runs the stage's loop with measurements around it: eval.csv holds the
+    held-out scores before, at step 2 (--ft_eval_every=2) and at the end, the same as metrics.json's."""
+    out, _ = pipeline
+    for stage in ("ddpm", "shortcut", "classifier", "evaluator"):
+        os.symlink(out / stage, tmp_path / stage)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "ft_probe.py"), f"--out_dir={tmp_path}",
+                        f"--data_root={cifar_root}", *TINY, *SMALL, "--ft_eval_every=2"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = json.loads((tmp_path / "shortft" / "metrics.json").read_text())
+    rows = np.genfromtxt(tmp_path / "shortft" / "eval.csv", delimiter=",", names=True)
+    assert list(rows["step"]) == [0, 2, 4] and m["steps"] == 4 and len(m["curve"]) == 3
     for row, m_ in ((rows[0], m["before"]), (rows[-1], m["after"])):
         assert row["target_rate"] == pytest.approx(m_["evaluator_target_rate"], abs=1e-4)
         assert row["fd"] == pytest.approx(m_["fd"], rel=1e-4) and row["diversity"] == pytest.approx(m_["diversity"], rel=1e-4)
-    assert "| held-out evaluator: target-class rate |" in stdout and "| shortft |" in stdout
+    assert m["peak_memory_mib"] > 0 and np.isfinite(m["after"]["chain_gap"])
 
 
 def test_sample_from_finetuned_checkpoint(pipeline, tmp_path):

@@ -1,11 +1,16 @@
-"""The README's stated defaults agree with sftlib/config.py, so they cannot drift again."""
+"""The front door: the README is short, opens with the two commands and the "what this toy shows" box,
+every number of its results blocks is in the generated docs/results.md, and the defaults it and
+docs/usage.md state agree with sftlib/config.py, so they cannot drift again."""
 import os
 import re
 
 from sftlib import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+FRONT = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+USAGE = open(os.path.join(ROOT, "docs", "usage.md"), encoding="utf-8").read()
+RESULTS = open(os.path.join(ROOT, "docs", "results.md"), encoding="utf-8").read()
+README = FRONT + "\n" + USAGE  # the defaults and the presets table may be stated in either
 
 
 def same(key, text, defaults=config.DEFAULTS):
@@ -68,3 +73,36 @@ def test_the_checks_fail_on_a_drifted_readme(monkeypatch):
         assert key in str(e)
     else:
         raise AssertionError("a drifted default passed")
+
+
+def test_the_front_door_is_short_and_opens_with_the_commands_and_the_box():
+    lines = FRONT.splitlines()
+    assert len(lines) <= 250, len(lines)
+    box = next(i for i, line in enumerate(lines) if line.startswith("## What this toy shows, and what it does not"))
+    assert box < 60, box
+    marker = lines.index("<!-- test-command -->")
+    assert marker < box and "python -m pytest" in lines[marker + 1]
+    assert any("pip install -r requirements.txt && python train_toy.py" in line for line in lines[:marker])
+    assert "../shared" not in FRONT  # the commands must hold for a clone anywhere
+
+
+def result_numbers(text):
+    """The decimal numbers inside the README's <!-- numbers: from results --> blocks (signs and the
+    unicode minus dropped: a number and its negation are the same figure to look up)."""
+    blocks = re.findall(r"<!-- numbers: from results -->(.*?)<!-- /numbers -->", text, re.S)
+    return blocks, {n for b in blocks for n in re.findall(r"\d+\.\d+", b.replace("−", "-"))}
+
+
+def test_every_number_of_the_results_blocks_is_in_the_generated_results():
+    """The README's figures come from results files: each decimal in its results blocks appears in
+    docs/results.md (itself regenerated from benchmarks/results/ by tests/test_results_doc.py)."""
+    blocks, numbers = result_numbers(FRONT)
+    assert len(blocks) >= 2 and len(numbers) >= 20, (len(blocks), len(numbers))
+    missing = sorted(n for n in numbers if not re.search(r"(?<![\d.])" + re.escape(n) + r"(?![\d])", RESULTS))
+    assert not missing, f"README numbers not in docs/results.md: {missing}"
+
+
+def test_the_number_check_catches_an_invented_figure():
+    text = FRONT.replace("<!-- /numbers -->", "an invented 0.4321 <!-- /numbers -->", 1)
+    _, numbers = result_numbers(text)
+    assert "0.4321" in numbers and "0.4321" not in RESULTS

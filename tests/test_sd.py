@@ -113,9 +113,9 @@ def test_chain_equals_paper_hops_with_checkpointing(tiny):
     of the hand-written chain without checkpointing. (Recomputing with whatever adapter is on at backward
     time, as diffusers' own block checkpointing would, fails this.)"""
     pipe, ft, sched = build(tiny, ft_grad_checkpoint=True)
-    sd.set_stage(ft, 0)
+    sd.set_phase(ft, 0)
     x_T = torch.randn(1, 4, 8, 8)
-    z = shortft_chain(ft, ft.shortcut, sched, x_T, ft.groups, stage=0)  # (1, 4, 8, 8)
+    z = shortft_chain(ft, ft.shortcut, sched, x_T, ft.groups, phase=0)  # (1, 4, 8, 8)
     w = torch.linspace(-1, 1, z.numel()).view_as(z)
     (w * z).sum().backward()
     auto = lora_grads(pipe.unet)
@@ -137,9 +137,9 @@ def test_one_step_trains_only_the_stage_loras(tiny):
     params = [p for n in ft.names for p in sd.adapter_params(pipe.unet, n)]
     opt = torch.optim.Adam(params, lr=1e-2)
     snap = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
-    sd.set_stage(ft, 1)
+    sd.set_phase(ft, 1)
     ft.set_prompts(*sd.encode(pipe, ["a red cat", "a dog"]))
-    z = shortft_chain(ft, ft.shortcut, sched, torch.randn(2, 4, 8, 8), ft.groups, stage=1)
+    z = shortft_chain(ft, ft.shortcut, sched, torch.randn(2, 4, 8, 8), ft.groups, phase=1)
     x0 = sd.decode(pipe.vae, z, grad_checkpoint=True)  # (2, 3, 16, 16)
     assert x0.shape == (2, 3, RES, RES) and x0.min() >= -1 and x0.max() <= 1
     sd_rewards.build_reward("saturation+0.5*contrast", "cpu")(x0, ["a"] * 2).mean().neg().backward()
@@ -209,7 +209,7 @@ def test_stage_bar_log_grids_and_resume_of_a_killed_run(tiny, tmp_path, capsys, 
     assert "sd15: 100%" in capsys.readouterr().out.replace("|", "")  # tqdm's bar, desc sd15, at 3/3
     header, rows = log_rows(whole)
     assert header == ["step", *train_sd.COLUMNS, "img_per_s"] and [r["step"] for r in rows] == [1, 2, 3]
-    assert [r["p_stage"] for r in rows] == [0, 1, 2]  # P-Training: k - 1 = 3 stages of one step (shortft.ptrain_stage)
+    assert [r["phase"] for r in rows] == [0, 1, 2]  # P-Training: k - 1 = 3 phases of one step (shortft.ptrain_phase)
     grids = sorted(f for f in os.listdir(whole / "sd15") if f.startswith("samples_"))
     assert grids == ["samples_0.png", "samples_2.png", "samples_3.png"]
     from PIL import Image
@@ -298,7 +298,7 @@ def test_rewards_are_image_statistics():
     r = sd_rewards.build_reward("2*brightness+saturation", "cpu")(x.requires_grad_(True), ["p"] * 3)
     assert r.shape == (3,) and torch.allclose(r, 2 * ((x + 1) / 2).mean((1, 2, 3)) + sd_rewards.saturation(x))
     for bad in ("sharpness", "x*contrast"):
-        with pytest.raises(UserError):
+        with pytest.raises(ValueError):
             sd_rewards.build_reward(bad, "cpu")
     with pytest.raises(UserError, match="aesthetic_path"):
         sd_rewards.build_reward("aesthetic", "cpu")

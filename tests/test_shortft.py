@@ -5,10 +5,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ddpm
-from sftlib import lora
-from sftlib.common import UserError
+import tlora
 from consistency import jump
-from shortft import FineTuned, merge_for_sampling, segment_groups, set_stage, shortft_chain
+from shortft import FineTuned, merge_for_sampling, segment_groups, set_phase, shortft_chain
 from unet import UNet
 
 EDGES = [761, 501, 261, 1]
@@ -23,14 +22,14 @@ def randomise_lora(unet, seed):
     """LoRA B starts at zero (delta W = 0); give every LoRA non-zero weights so each one matters."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in lora.lora_layers(unet):
+        for m in tlora.lora_layers(unet):
             for B in m.B:
                 B.weight.copy_(0.05 * torch.randn(B.weight.shape, generator=g))
 
 
 def setup(k=4, dtype=torch.float32):
     unet, student = tiny_unet(0).to(dtype), tiny_unet(1).to(dtype).requires_grad_(False)
-    lora.add_lora(unet, rank=2, alpha=2.0, k=k)
+    tlora.add_lora(unet, rank=2, alpha=2.0, k=k)
     randomise_lora(unet, 2)
     unet.to(dtype)
     groups = segment_groups(ddpm.ddim_timesteps(1000, 50), EDGES if k == 4 else EDGES[-k:])
@@ -48,7 +47,7 @@ def test_segment_groups_follow_the_paper():
 @pytest.mark.parametrize("layer", [nn.Conv2d(4, 6, 3, padding=1), nn.Linear(5, 7)])
 def test_lora_layer_equals_explicit_low_rank_update(layer):
     holder = nn.Sequential(layer)
-    lora.add_lora(holder, rank=2, alpha=4.0, k=3)
+    tlora.add_lora(holder, rank=2, alpha=4.0, k=3)
     m = holder[0]
     x = torch.randn(2, 4, 5, 5) if isinstance(layer, nn.Conv2d) else torch.randn(2, 5)
     assert torch.equal(m(x), layer(x))  # B = 0 at the start: exactly the base layer
@@ -77,7 +76,7 @@ def test_merged_lora_sampling_equals_unmerged():
 
 def grads(ft, student):
     """Which parameter groups received a gradient: LoRA j (0..k-1), the base weights, the student."""
-    got = {j: any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.lora_params(ft.unet, j))
+    got = {j: any(p.grad is not None and p.grad.abs().sum() > 0 for p in tlora.lora_params(ft.unet, j))
            for j in range(len(ft.groups))}
     base = [p for n, p in ft.unet.named_parameters() if ".A." not in n and ".B." not in n]
     got["base"] = any(p.grad is not None for p in base)
@@ -85,14 +84,14 @@ def grads(ft, student):
     return got
 
 
-@pytest.mark.parametrize("stage", [0, 1, 3])
-def test_gradient_reaches_exactly_the_stage_loras(stage):
+@pytest.mark.parametrize("phase", [0, 1, 3])
+def test_gradient_reaches_exactly_the_phase_loras(phase):
     ft, student, sched = setup()
-    set_stage(ft, stage)
-    x0 = shortft_chain(ft, student, sched, torch.randn(2, 3, 32, 32), ft.groups, stage)
+    set_phase(ft, phase)
+    x0 = shortft_chain(ft, student, sched, torch.randn(2, 3, 32, 32), ft.groups, phase)
     x0.mean().backward()
     got = grads(ft, student)
-    assert got == {**{j: j >= stage for j in range(4)}, "base": False, "student": False}
+    assert got == {**{j: j >= phase for j in range(4)}, "base": False, "student": False}
 
 
 def test_chain_gradient_equals_explicitly_built_graph():
@@ -106,7 +105,7 @@ def test_chain_gradient_equals_explicitly_built_graph():
     auto = p.grad[3, 1, 0, 0].item()
 
     def eps(x, t, n):
-        lora.set_active(ft.unet, n)
+        tlora.set_active(ft.unet, n)
         return ft.unet(x, torch.full((1,), t))
 
     x = x_T
@@ -153,14 +152,14 @@ def test_one_optimiser_step_raises_the_reward():
     assert r1 > r0 + 1e-3, (r0.item(), r1.item())
 
 
-def test_bad_stage_and_rank():
+def test_bad_phase_and_rank():
     ft, student, sched = setup()
-    with pytest.raises(UserError):
-        shortft_chain(ft, student, sched, torch.randn(1, 3, 32, 32), ft.groups, stage=4)
-    with pytest.raises(UserError):
-        lora.add_lora(tiny_unet(0), rank=0, alpha=1.0, k=1)
-    with pytest.raises(UserError):
-        lora.add_lora(tiny_unet(0), rank=2, alpha=1.0, k=1, targets="no_such_layer")
+    with pytest.raises(ValueError):
+        shortft_chain(ft, student, sched, torch.randn(1, 3, 32, 32), ft.groups, phase=4)
+    with pytest.raises(ValueError):
+        tlora.add_lora(tiny_unet(0), rank=0, alpha=1.0, k=1)
+    with pytest.raises(ValueError):
+        tlora.add_lora(tiny_unet(0), rank=2, alpha=1.0, k=1, targets="no_such_layer")
 
 
 # --- the baselines --------------------------------------------------------------------------------
@@ -168,7 +167,7 @@ def test_bad_stage_and_rank():
 def plain_setup(steps=10):
     """A tiny UNet with one plain LoRA (what the baselines train), a short DDIM chain, float64."""
     unet = tiny_unet(0).double()
-    lora.add_lora(unet, rank=2, alpha=2.0, k=1)
+    tlora.add_lora(unet, rank=2, alpha=2.0, k=1)
     randomise_lora(unet, 3)
     unet.double()
     sched = ddpm.Schedule()
@@ -179,11 +178,11 @@ def plain_setup(steps=10):
 def lora_grad(unet, fn):
     unet.zero_grad(set_to_none=True)
     fn().pow(2).mean().backward()
-    return torch.cat([p.grad.flatten() for p in lora.lora_params(unet, 0)])
+    return torch.cat([p.grad.flatten() for p in tlora.lora_params(unet, 0)])
 
 
 def test_draft_k_gradient_equals_explicit_k_step_graph():
-    from shortft import draft_chain
+    from baselines import draft_chain
 
     unet, sched, steps, x_T = plain_setup()
     K = 3
@@ -203,7 +202,7 @@ def test_draft_k_gradient_equals_explicit_k_step_graph():
 
 
 def test_full_backprop_same_gradient_with_and_without_checkpointing():
-    from shortft import full_chain
+    from baselines import full_chain
 
     unet, sched, steps, x_T = plain_setup()
     a = lora_grad(unet, lambda: full_chain(unet, sched, x_T, steps, checkpoint=False))
@@ -263,7 +262,7 @@ def test_alignprop_draws_the_cut_anew_at_every_step():
     """AlignProp's code: at every step i, c_i = randint(min, max), eps detached when i < c_i. The steps
     whose eps carries gradient are exactly those the draws allow, each of those UNet calls is recomputed
     in backward (checkpointed), and the gradients equal the closed form."""
-    from shortft import alignprop_chain
+    from baselines import alignprop_chain
 
     model, sched, steps, x_T, w, c, d = mock_setup()
     calls = model.calls
@@ -284,7 +283,7 @@ def test_alignprop_draws_the_cut_anew_at_every_step():
 def test_alignprop_never_detaches_x_t():
     """A window (n, n) detaches every eps: theta gets nothing, yet x_T's gradient flows through every
     x_t: the DDIM update's own coefficients, prod c = 1 / sqrt(abar_{t_0})."""
-    from shortft import alignprop_chain
+    from baselines import alignprop_chain
 
     model, sched, steps, x_T, w, c, d = mock_setup()
     (alignprop_chain(model, sched, x_T, steps, window=(len(steps), len(steps))) * w).sum().backward()
@@ -296,7 +295,7 @@ def test_alignprop_never_detaches_x_t():
 def test_drtune_stops_the_input_gradient_and_trains_k_evenly_spaced_steps(K):
     """DRTune: the UNet's input never requires grad; K calls carry gradient, evenly spaced; theta's
     gradient is the closed form with no path through eps's input; x_T's is prod c."""
-    from shortft import drtune_chain
+    from baselines import drtune_chain
 
     model, sched, steps, x_T, w, c, d = mock_setup()
     calls = model.calls
@@ -312,7 +311,7 @@ def test_drtune_stops_the_input_gradient_and_trains_k_evenly_spaced_steps(K):
 
 
 def test_drtune_offset_is_random_below_the_stride():
-    from shortft import drtune_train_steps
+    from baselines import drtune_train_steps
 
     firsts = {drtune_train_steps(50, 5, torch.Generator().manual_seed(s))[0] for s in range(60)}
     assert firsts == set(range(10))  # every offset 0..9 occurs, none beyond the stride
@@ -321,7 +320,7 @@ def test_drtune_offset_is_random_below_the_stride():
 def test_draft_lv_renoises_the_stop_gradient_x0_for_every_copy():
     """Clark et al.: all n copies are q(x_1 | sg(x_0)) (Ho et al. 2020, Eq. 4), each then takes the last
     step with gradient. Checked on the UNet's input at that step, with the noise fixed by the seed."""
-    from shortft import draft_lv_chain
+    from baselines import draft_lv_chain
 
     unet, sched, steps, _ = plain_setup()
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)  # (T,) by definition
@@ -366,7 +365,7 @@ def test_naive_shortcut_jump_is_one_base_ddim_step(tmp_path):
     naive = load_naive_shortcut(str(tmp_path / "ckpt.pt"), "cpu")
     assert not any(p.requires_grad for p in naive.parameters())
     unet = copy.deepcopy(base)
-    lora.add_lora(unet, rank=2, alpha=2.0, k=4)
+    tlora.add_lora(unet, rank=2, alpha=2.0, k=4)
     randomise_lora(unet, 2)  # the fine-tuned model now differs from the base
     ft = FineTuned(unet, segment_groups(ddpm.ddim_timesteps(1000, 50), EDGES))
     sched = ddpm.Schedule()
@@ -378,7 +377,7 @@ def test_naive_shortcut_jump_is_one_base_ddim_step(tmp_path):
             return ddpm.ddim_step(sched, x, model(x, torch.full((2,), t)), t, s)
 
         def lora_n(n):
-            return lambda x, t: (lora.set_active(unet, n), unet(x, t))[1]
+            return lambda x, t: (tlora.set_active(unet, n), unet(x, t))[1]
 
         x = x_T
         for t in range(981, 741, -20):  # segment 1: the fine-tuned model (LoRA 1), 981 .. 761 -> 741
@@ -391,7 +390,7 @@ def test_naive_shortcut_jump_is_one_base_ddim_step(tmp_path):
 
 
 def test_baselines_bad_input():
-    from shortft import alignprop_chain, draft_chain, draft_lv_chain, drtune_chain
+    from baselines import alignprop_chain, draft_chain, draft_lv_chain, drtune_chain
 
     unet, sched, steps, x_T = plain_setup()
     for bad in (lambda: draft_chain(unet, sched, x_T, steps, K=11), lambda: draft_lv_chain(unet, sched, x_T, steps, n=0),
@@ -399,25 +398,36 @@ def test_baselines_bad_input():
                 lambda: alignprop_chain(unet, sched, x_T, steps, window=(-1, 5)),
                 lambda: alignprop_chain(unet, sched, x_T, steps, window=(0, 11)),
                 lambda: drtune_chain(unet, sched, x_T, steps, K=0), lambda: drtune_chain(unet, sched, x_T, steps, K=11)):
-        with pytest.raises(UserError):
+        with pytest.raises(ValueError):
             bad()
 
 
-def test_config_methods_are_the_stage_methods():
-    """The config's range check and the stage name the same methods (two lists that must not drift)."""
-    import train_shortft
+def test_every_method_the_config_accepts_has_its_chain():
+    """--method's choices are baselines.METHODS (one list), and method_chain runs each of them to the chain
+    it names: the ShortFT methods to shortft_chain's x_0, the baselines to theirs (same noise, same model)."""
+    from baselines import METHODS, draft_chain, full_chain, method_chain
     from sftlib import config
 
-    assert set(config.CHOICES["method"]) == set(train_shortft.METHODS)
+    assert config.CHOICES["method"] is METHODS
+    ft, student, sched = setup()
+    steps, x_T = ddpm.ddim_timesteps(1000, 50), torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = {m: method_chain(m, ft, student, sched, x_T, ft.groups, steps) for m in METHODS}
+        assert torch.equal(got["shortft"], shortft_chain(ft, student, sched, x_T, ft.groups))
+        assert torch.equal(got["draft"], draft_chain(ft, sched, x_T, steps, 1))
+        assert torch.allclose(got["full"], full_chain(ft, sched, x_T, steps))
+    assert got["draft_lv"].shape == (2, 3, 32, 32) and all(got[m].shape == x_T.shape for m in METHODS if m != "draft_lv")
+    with pytest.raises(ValueError, match="unknown method"):
+        method_chain("draft_k", ft, student, sched, x_T, ft.groups, steps)
 
 
-def test_ptrain_stage_splits_the_budget_into_equal_parts_and_skips_the_t1_stage():
-    from shortft import ptrain_stage
+def test_ptrain_phase_splits_the_budget_into_equal_parts_and_skips_the_t1_phase():
+    from shortft import ptrain_phase
 
-    # k = 4: three stages of a third each; the fourth (LoRA 4 alone at t = 1) only on request
-    assert [ptrain_stage(4, s / 12) for s in range(12)] == [0] * 4 + [1] * 4 + [2] * 4
-    assert [ptrain_stage(4, s / 12, t1_stage=True) for s in range(12)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
-    assert ptrain_stage(4, 1.0) == 2 and ptrain_stage(1, 0.7) == 0  # the end of the budget; k = 1: one stage
+    # k = 4: three phases of a third each; the fourth (LoRA 4 alone at t = 1) only on request
+    assert [ptrain_phase(4, s / 12) for s in range(12)] == [0] * 4 + [1] * 4 + [2] * 4
+    assert [ptrain_phase(4, s / 12, t1_phase=True) for s in range(12)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert ptrain_phase(4, 1.0) == 2 and ptrain_phase(1, 0.7) == 0  # the end of the budget; k = 1: one phase
     # why t = 1 is skipped: an eps change there moves x_0 by sqrt(1 - abar_1) / sqrt(abar_1) of itself
     sched = ddpm.Schedule()
     x1, eps, d = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)

@@ -64,9 +64,9 @@ def experiment(quick=False):
     for K in Ks:
         g = full if K == 50 else truncated_gradient(ft, L.sched, x_T, L.steps, K, L.reward, params)
         print(f"{'DRaFT-' + str(K):>24s} {K:19d} {cosine(g, full):14.3f} {float(g.norm() / full.norm()):13.3f}")
-    x0 = shortft.shortft_chain(ft, L.shortcut, L.sched, x_T, L.groups, stage=0)  # the project's ShortFT chain
+    x0 = shortft.shortft_chain(ft, L.shortcut, L.sched, x_T, L.groups, phase=0)  # the project's ShortFT chain
     g = flatten(torch.autograd.grad(L.reward(x0).mean(), params, allow_unused=True), params)
-    print(f"{'ShortFT (stage 0)':>24s} {7:19d} {cosine(g, full):14.3f} {float(g.norm() / full.norm()):13.3f}")
+    print(f"{'ShortFT (phase 0)':>24s} {7:19d} {cosine(g, full):14.3f} {float(g.norm() / full.norm()):13.3f}")
     print(f"({clock})")
 
 

@@ -1,5 +1,5 @@
 """Exercise 9 (experiment): reward hacking, as the held-out judge sees it and as the class-matched metrics
-see it (PAPER.md Sec. 4, item 3; sftlib/metrics.py, README "Rewards and a held-out judge").
+see it (PAPER.md Sec. 4, item 3; sftlib/metrics.py, README "The paper in the code", item 5).
 Reference solution.
 
 Fine-tune the classroom base for ship with ShortFT at a learning rate 25 times the default, for 30 steps,

@@ -1,4 +1,5 @@
-"""LoRA (Hu et al. 2022) for the UNet's conv and linear layers, with timestep-aware stacking.
+"""T-LoRA: LoRA (Hu et al. 2022) for the UNet's conv and linear layers, with timestep-aware stacking
+(PAPER.md Sec. 3).
 
 A wrapped layer computes  W x + sum_{j < active} (alpha / r) B_j A_j x  (Hu et al. 2022, Eq. 3),
 with the frozen base weight W and k low-rank pairs (A_j, B_j), B_j zero-initialised so training
@@ -10,8 +11,6 @@ import copy
 
 import torch
 import torch.nn as nn
-
-from sftlib.common import UserError
 
 
 class LoRALayer(nn.Module):
@@ -53,12 +52,12 @@ def add_lora(model, rank, alpha, k, targets=""):
     """Replace every Conv2d/Linear whose name contains one of the comma-separated `targets`
     (all of them when empty) by a LoRALayer; freeze everything else. Returns the LoRA names."""
     if rank < 1:
-        raise UserError(f"--lora_rank must be at least 1 (or use --full_ft), got {rank}")
+        raise ValueError(f"--lora_rank must be at least 1 (or use --full_ft), got {rank}")
     wanted = [t for t in targets.split(",") if t]
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
              and (not wanted or any(w in n for w in wanted))]
     if not names:
-        raise UserError(f"--lora_targets={targets!r} matches no conv or linear layer of the UNet")
+        raise ValueError(f"--lora_targets={targets!r} matches no conv or linear layer of the UNet")
     model.requires_grad_(False)
     for name in names:
         parent, _, leaf = name.rpartition(".")

@@ -61,7 +61,7 @@ REGISTRY = {  # file -> (commit that added it: git log --diff-filter=A; base mod
     "pipeline_cpu_old.md": ("b627af3", "trained in the run: the old CPU defaults (the 900-step base), from scratch", None),
     "pipeline_cpu_default_shortft_metrics.json": ("7dec3be", DEFAULT, None),
     "pipeline_cpu_old_shortft_metrics.json": ("b627af3", "the old 900-step base trained in `pipeline_cpu_old.md`'s run", None),
-    **{f"pipeline_cpu_quick{x}": ("QUICKSHA", CLASSROOM + " via `--preset=quick`", None) for x in (".md", "_shortft_metrics.json")},
+    **{f"pipeline_cpu_quick{x}": ("ba8604e", CLASSROOM + " via `--preset=quick`", None) for x in (".md", "_shortft_metrics.json")},
     "recipe_cpu_600s.json": ("1481d01", RECIPE, "python benchmarks/bench_recipe.py --variants=new,old900 --fid=new,old900 "
                              "--n_samples=1000 --budget_s=600"),
     "recipe_cpu_600s_old1700.json": ("7dec3be", RECIPE, None), "recipe_cpu_600s_seeds.json": ("b627af3", RECIPE, None),

@@ -18,8 +18,8 @@ import torch
 
 import ddpm
 from consistency import TeacherChains, cd_loss, segment_edges, shortcut_sample
-from sftlib.common import (UserError, bf16_autocast, ema_update, export_safetensors, load_checkpoint, save_grid,
-                           set_rng_state)
+from sftlib.common import (UserError, bf16_autocast, ema_update, export_safetensors, file_sha256, load_checkpoint,
+                           save_grid, set_rng_state)
 from sftlib.data import DeviceBatches, load_cifar10
 from sftlib.models import MODEL_KEYS, load_ddpm
 from sftlib.stage import LEGACY, Stage, run_alone
@@ -39,7 +39,14 @@ def train(cfg, device):
     if not os.path.isfile(teacher_path):
         raise UserError(f"[shortcut] no teacher at {teacher_path}: run the ddpm stage first "
                         f"(python train_toy.py --stages=ddpm --out_dir={cfg['out_dir']})")
+    if not os.path.isfile(os.path.join(os.path.dirname(teacher_path), "model.safetensors")):  # written last by the ddpm stage
+        raise UserError(f"[shortcut] the teacher at {teacher_path} is unfinished: complete the ddpm stage first "
+                        f"(python train_toy.py --stages=ddpm --resume --out_dir={cfg['out_dir']})")
+    teacher_sha = file_sha256(teacher_path)  # provenance: the shortcut names the teacher it was distilled from
     ckpt = stage.resume_or_skip(complete=lambda c: c["step"] >= cfg["shortcut_steps"] and os.path.isfile(export))
+    if ckpt is not None and ckpt.get("teacher_sha256", teacher_sha) != teacher_sha:  # older checkpoints: not recorded
+        raise UserError(f"{stage.ckpt_path} was distilled from another teacher than {teacher_path} (its SHA-256 "
+                        f"differs): move {stage.out} aside to distil the shortcut again from this one")
     if stage.skipped:
         return stage.ckpt_path
     steps = cfg["shortcut_steps"]  # on --resume, cfg is now the checkpoint's config (sftlib/stage.py)
@@ -106,7 +113,8 @@ def train(cfg, device):
         stage.tick(step, cfg["shortcut_batch"], "shortcut_lr", cfg["log_every"], loss=loss.item())
         if stage.due(step, cfg["shortcut_ckpt_every"]):
             stage.save(model=student.state_dict(), ema=ema.state_dict(), target=target.state_dict(),
-                       opt=opt.state_dict(), step=step, edges=edges, teacher=teacher_path, elapsed=elapsed,
+                       opt=opt.state_dict(), step=step, edges=edges, teacher=teacher_path, teacher_sha256=teacher_sha,
+                       elapsed=elapsed,
                        chains=chains.state_dict() if chains is not None else None)
         if stage.due(step, cfg["sample_every"]):
             sample_grid(teacher, ema, sched, x_T, edges, os.path.join(stage.out, f"samples_{step}.png"))

@@ -56,6 +56,10 @@ def train(cfg, device, probe=None):
             raise UserError(f"ShortFT needs {path}: run the {'classifier' if name == 'evaluator' else name} stage "
                             f"first (--stages={'classifier' if name == 'evaluator' else name})")
     base_path, shortcut_path = paths["ddpm"], paths["shortcut"]
+    for name in ("ddpm", "shortcut"):  # provenance: never fine-tune from, or through, an unfinished stage
+        if not os.path.isfile(os.path.join(cfg["out_dir"], name, "model.safetensors")):  # each stage writes it last
+            raise UserError(f"the {name} stage in {cfg['out_dir']} is unfinished: complete it first "
+                            f"(python train_toy.py --stages={name} --resume --out_dir={cfg['out_dir']})")
     stage = Stage(cfg, out_name, kind="shortft", steps="ft_steps")
     ckpt = stage.resume_or_skip(complete=lambda c: c["done"])  # done: saved after every output exists
     if stage.skipped:

@@ -30,6 +30,7 @@ import torch
 import ddpm
 from sftlib import config
 from sftlib.common import UserError, atomic_path, load_checkpoint, pick_device, run_main, save_grid, seed_all, to_uint8
+from sftlib.stage import lock_folder
 
 # (stage, module): each module's train(cfg, device) runs the stage, or skips it when its checkpoint
 # <out_dir>/<stage>/ckpt.pt is complete. Later stages read the checkpoints of earlier ones.
@@ -70,6 +71,7 @@ def run_pipeline(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere and later
         torch.backends.cudnn.allow_tf32 = True
+    lock_folder(cfg["out_dir"])  # one run per output folder for the whole run, not only per stage (sftlib/stage.py)
     if cfg["pretrained"]:  # the shipped base, shortcut and classifiers become this run's complete stages
         from sftlib import pretrained
 

@@ -25,6 +25,7 @@ import train_shortft  # noqa: E402
 from shortft import shortft_chain  # noqa: E402
 from sftlib import config  # noqa: E402
 from sftlib.common import UserError, pick_device, run_main, seed_all, write_text  # noqa: E402
+from sftlib.stage import lock_folder  # noqa: E402
 from sftlib.metrics import ddim50, evaluate_model  # noqa: E402
 from sftlib.models import build_finetuned, load_reward, load_shortcut  # noqa: E402
 
@@ -187,6 +188,7 @@ def main(argv):
         if not 0 <= value < float("inf"):
             raise UserError(f"--{key} must be a finite number >= 0, got {value}")
     cfg = config.resolve(rest, torch.cuda.is_available(), description=__doc__)
+    lock_folder(cfg["out_dir"])  # one run per output folder
     if cfg["pretrained"]:  # the shipped classroom checkpoints as this run's complete upstream stages
         from sftlib import pretrained
 

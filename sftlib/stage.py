@@ -238,6 +238,7 @@ def alone_main(train, doc):
     otherwise starts from a random seed), train."""
     def main(argv):
         cfg = config.resolve(argv, torch.cuda.is_available(), description=doc)
+        lock_folder(cfg["out_dir"])  # one run per output folder, whichever stages it runs
         seed_all(cfg["seed"])
         train(cfg, pick_device(cfg["device"]))
 

@@ -11,7 +11,7 @@ from sftlib import config
 import consistency as C
 import ddpm
 import train_shortcut
-from sftlib.common import UserError, load_checkpoint, read_safetensors, save_atomic
+from sftlib.common import UserError, export_safetensors, file_sha256, load_checkpoint, read_safetensors, save_atomic
 from conftest import TINY, run_cli
 from unet import UNet, build_unet
 
@@ -202,6 +202,7 @@ def fake_teacher(out_dir, kind="ddpm", **changes):
     model = build_unet(dict(cfg, **changes))
     save_atomic(dict(kind=kind, model=model.state_dict(), ema=model.state_dict(), step=1, config=dict(cfg)),
                 os.path.join(out_dir, "ddpm", "ckpt.pt"))
+    export_safetensors(model.state_dict(), dict(cfg), os.path.join(out_dir, "ddpm", "model.safetensors"), kind="ddpm")
     return cfg
 
 
@@ -244,3 +245,25 @@ def test_shortcut_stage_end_to_end(tmp_path, cifar_root, monkeypatch):
         assert f["images"].shape == (10, 32, 32, 3) and f["images"].dtype == np.uint8
     bad = run_cli("sample", f"--ckpt={out}/shortcut/ckpt.pt", "--sampler=shortcut", "--steps=3", check=False)
     assert bad.returncode == 2 and "k = 4" in bad.stderr
+
+
+def test_shortcut_refuses_an_unfinished_or_changed_teacher(tmp_path, cifar_root, monkeypatch):
+    """Provenance: a teacher without its model.safetensors (the ddpm stage was stopped) is refused before any
+    distillation; a complete shortcut whose teacher has changed since is refused, not kept silently."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = str(tmp_path)
+    cfg = dict(config.resolve(TINY, False), out_dir=out, data_root=cifar_root, n_train=100, shortcut_batch=4,
+               shortcut_steps=1, shortcut_ckpt_every=1, sample_every=1000)
+    fake_teacher(out)
+    os.remove(os.path.join(out, "ddpm", "model.safetensors"))  # a killed ddpm run has no export yet
+    with pytest.raises(UserError, match="unfinished"):
+        train_shortcut.train(dict(cfg), torch.device("cpu"))
+    assert not os.path.exists(os.path.join(out, "shortcut", "ckpt.pt"))
+    fake_teacher(out)
+    train_shortcut.train(dict(cfg), torch.device("cpu"))
+    ckpt = load_checkpoint(os.path.join(out, "shortcut", "ckpt.pt"), "shortcut")
+    assert ckpt["teacher_sha256"] == file_sha256(os.path.join(out, "ddpm", "ckpt.pt"))
+    train_shortcut.train(dict(cfg), torch.device("cpu"))  # complete, same teacher: skipped, no error
+    fake_teacher(out)  # new random weights: another teacher
+    with pytest.raises(UserError, match="another teacher"):
+        train_shortcut.train(dict(cfg), torch.device("cpu"))

@@ -83,6 +83,15 @@ def test_concepts_import_only_concepts():
         assert g[m] <= CONCEPTS, f"{m} imports {g[m] - CONCEPTS}"
 
 
+def test_stages_import_no_entry_point_or_benchmark():
+    """The layers read bottom-up: a stage (train_ddpm, ...) is imported by the entry point and the benchmarks,
+    never the other way round."""
+    for m, deps in graph().items():
+        if m in SCRIPTS - {"train_toy"}:
+            bad = {d for d in deps if d == "train_toy" or d.startswith("benchmarks.")}
+            assert not bad, f"{m} imports {bad}"
+
+
 def test_the_layer_check_sees_a_concept_importing_the_library(tmp_path):
     """The check itself: a concept file importing sftlib is caught by the same parser."""
     (tmp_path / "c.py").write_text("import torch\nfrom sftlib.common import UserError\n")

@@ -330,6 +330,29 @@ def test_second_run_on_the_same_folder_is_refused(tmp_path):
     Stage(cfg_of(f"--out_dir={tmp_path}"), "ddpm", "ddpm", "ddpm_steps").start(0)  # the lock died with its process
 
 
+def test_one_lock_per_output_folder_for_the_whole_run(tmp_path):
+    """A run holds its --out_dir, not only the stage it is in: a second train_toy.py, a stage script or the
+    probe on the same folder stops with one line before reading or writing anything, whichever stage it wants."""
+    import train_shortcut
+    import train_toy
+    from benchmarks import ft_probe
+    from sftlib import stage
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from sftlib.stage import lock_folder; lock_folder(sys.argv[2]); print('locked', flush=True); "
+                               "time.sleep(60)", ROOT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for main in (train_toy.main, stage.alone_main(train_shortcut.train, "doc"), ft_probe.main):
+            with pytest.raises(UserError, match="another run is using"):
+                main([f"--out_dir={tmp_path}", "--stages=shortcut", "--device=cpu"] if main is train_toy.main
+                     else [f"--out_dir={tmp_path}", "--device=cpu"])
+        assert sorted(os.listdir(tmp_path)) == ["lock"]  # nothing else was read or written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # ---- 4. NaN never reaches a checkpoint -----------------------------------------------------------------
 
 @pytest.mark.parametrize("stage", ["ddpm", "classifier"])
@@ -439,6 +462,8 @@ def test_stop_during_final_evaluation_then_resume_writes_every_output(tmp_path, 
     base_cfg = fake_ddpm(str(out))
     teacher = load_checkpoint(str(out / "ddpm" / "ckpt.pt"), "ddpm")
     save_atomic(dict(teacher, kind="shortcut", edges=[761, 501, 261, 1]), str(out / "shortcut" / "ckpt.pt"))
+    from sftlib.common import export_safetensors
+    export_safetensors(teacher["ema"], base_cfg, str(out / "shortcut" / "model.safetensors"), kind="shortcut")
     os.makedirs(out / "evaluator")
     open(out / "evaluator" / "ckpt.pt", "w").close()  # present; the judge itself is stubbed below
     calls = [0]
@@ -462,6 +487,10 @@ def test_stop_during_final_evaluation_then_resume_writes_every_output(tmp_path, 
     for f in ("metrics.json", "log.csv", "before_after.png", "reward.png", "lora.safetensors"):
         assert (out / "shortft" / f).is_file(), f
     assert np.loadtxt(out / "shortft" / "log.csv", delimiter=",", skiprows=1)[:, 0].tolist() == [1, 2]
+    os.rename(out / "shortcut" / "model.safetensors", out / "shortcut" / "aside")  # provenance: an unfinished upstream
+    with pytest.raises(UserError, match="the shortcut stage in .* is unfinished"):  # is refused before anything runs
+        train_shortft.train(cfg_of(*args), torch.device("cpu"))
+    os.rename(out / "shortcut" / "aside", out / "shortcut" / "model.safetensors")
     # moved elsewhere, the checkpoint finds its own base beside it, by hash, wherever the command runs
     moved = tmp_path / "elsewhere"
     shutil.move(str(out), str(moved))
@@ -475,7 +504,7 @@ def test_stop_during_final_evaluation_then_resume_writes_every_output(tmp_path, 
         load_finetuned(str(moved / "shortft" / "ckpt.pt"), "cpu")
 
 
-def test_a_stage_run_alone_is_seeded_by_its_seed_flag():
+def test_a_stage_run_alone_is_seeded_by_its_seed_flag(tmp_path):
     """train_<stage>.py --seed=S starts from the same generators as train_toy.py --seed=S: without
     seeding, a torch process starts from a random seed and --seed would do nothing."""
     import random
@@ -485,7 +514,7 @@ def test_a_stage_run_alone_is_seeded_by_its_seed_flag():
     drawn = []
     record = lambda cfg, device: drawn.append((torch.rand(3), np.random.rand(), random.random(), cfg["seed"]))
     for s in (3, 3, 4):
-        stage.alone_main(record, "doc")([f"--seed={s}", "--device=cpu"])
+        stage.alone_main(record, "doc")([f"--seed={s}", "--device=cpu", f"--out_dir={tmp_path}"])
     random.seed(3)
     np.random.seed(3)
     torch.manual_seed(3)

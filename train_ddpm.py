@@ -46,6 +46,8 @@ def train(cfg, device):
     ckpt = stage.resume_or_skip(complete=lambda c: c["step"] >= cfg["ddpm_steps"] and os.path.isfile(export))
     if stage.skipped:
         return stage.ckpt_path
+    if os.path.exists(export):  # training again (a larger budget): the stage is complete only once it is rewritten
+        os.remove(export)
     steps = cfg["ddpm_steps"]  # on --resume, cfg is now the checkpoint's config (sftlib/stage.py)
     model = build_unet(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["ddpm_lr"])

@@ -42,13 +42,17 @@ def train(cfg, device):
     if not os.path.isfile(os.path.join(os.path.dirname(teacher_path), "model.safetensors")):  # written last by the ddpm stage
         raise UserError(f"[shortcut] the teacher at {teacher_path} is unfinished: complete the ddpm stage first "
                         f"(python train_toy.py --stages=ddpm --resume --out_dir={cfg['out_dir']})")
-    teacher_sha = file_sha256(teacher_path)  # provenance: the shortcut names the teacher it was distilled from
+    # provenance: the shortcut names the teacher it was distilled from by its export's bytes (a torch.save archive's
+    # bytes also depend on the temporary file name it was written under)
+    teacher_sha = file_sha256(os.path.join(os.path.dirname(teacher_path), "model.safetensors"))
     ckpt = stage.resume_or_skip(complete=lambda c: c["step"] >= cfg["shortcut_steps"] and os.path.isfile(export))
     if ckpt is not None and ckpt.get("teacher_sha256", teacher_sha) != teacher_sha:  # older checkpoints: not recorded
         raise UserError(f"{stage.ckpt_path} was distilled from another teacher than {teacher_path} (its SHA-256 "
                         f"differs): move {stage.out} aside to distil the shortcut again from this one")
     if stage.skipped:
         return stage.ckpt_path
+    if os.path.exists(export):  # training again (a larger budget): the stage is complete only once it is rewritten
+        os.remove(export)
     steps = cfg["shortcut_steps"]  # on --resume, cfg is now the checkpoint's config (sftlib/stage.py)
     teacher, sched, teacher_cfg = load_ddpm(teacher_path, device)  # the DDPM's EMA weights
     teacher.requires_grad_(False)

@@ -27,7 +27,8 @@ import tlora
 from baselines import method_chain
 from rewards import reward_loss
 from shortft import merge_for_sampling, ptrain_phase, set_phase
-from sftlib.common import UserError, export_safetensors, file_sha256, plot_lines, save_grid, set_rng_state, write_text
+from sftlib.common import (UserError, export_safetensors, file_sha256, load_checkpoint, plot_lines, save_grid, set_rng_state,
+                           write_text)
 from sftlib.metrics import ddim50, evaluate_model
 from sftlib.models import build_finetuned, load_ddpm, load_naive_shortcut, load_reward, load_shortcut
 from sftlib.stage import Stage, run_alone
@@ -66,6 +67,10 @@ def train(cfg, device, probe=None):
         return stage.ckpt_path
     # the base and shortcut, named by their bytes: a resumed run must go on from the same ones
     base_sha, shortcut_sha = file_sha256(base_path), file_sha256(shortcut_path)
+    distilled_from = load_checkpoint(shortcut_path, "shortcut").get("teacher_sha256")  # None: not recorded (older)
+    if distilled_from not in (None, file_sha256(os.path.join(cfg["out_dir"], "ddpm", "model.safetensors"))):
+        raise UserError(f"the shortcut in {os.path.dirname(shortcut_path)} was distilled from another base model than "
+                        f"{base_path}: distil it again from this one (move the shortcut folder aside, --stages=shortcut)")
     for key, sha, path in (("base_sha256", base_sha, base_path), ("shortcut_sha256", shortcut_sha, shortcut_path)):
         if ckpt is not None and ckpt.get(key) != sha:
             raise UserError(f"cannot resume {stage.ckpt_path}: {path} is not the model it was fine-tuned from "

@@ -4,7 +4,7 @@ several seeds, bootstrap 95 % intervals, and the reward-vs-quality (Pareto) plot
     python benchmarks/bench_compare.py            # 6 methods, lr grid of 3, 5 seeds, 25 s each (2-core CPU: ~28 min)
     python benchmarks/bench_compare.py --quick    # a smoke run: 2 methods, 2 lrs, 2 seeds, 6 s each
     python benchmarks/bench_compare.py --full     # + full backprop and the ablations, 120 s each, 512 samples, eval curves
-    python benchmarks/bench_compare.py --out_dir=out_classroom   # on `train_toy.py --pretrained --stages=` models
+    python benchmarks/bench_compare.py --out_dir=out_classroom   # on `train_toy.py --pretrained --stages=ddpm` models
 
 Needs the trained stages in --out_dir (ddpm, shortcut, classifier, evaluator: `python train_toy.py`, or
 `python train_toy.py --pretrained --stages=ddpm` for the classroom checkpoints). Every run fine-tunes the

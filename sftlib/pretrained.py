@@ -11,7 +11,7 @@ directly (load_unet)."""
 import os
 import shutil
 
-from sftlib.common import UserError, atomic_path, read_safetensors, save_atomic
+from sftlib.common import UserError, atomic_path, file_sha256, read_safetensors, save_atomic
 from sftlib.stage import LEGACY
 
 FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
@@ -91,8 +91,8 @@ def install(cfg, folder=FOLDER):
                     pretrained=os.path.join(folder, f"{stage}.safetensors"))
         if stage in ("ddpm", "shortcut"):
             ckpt.update(ema=state, model=state)  # only the EMA weights ship: they are what is sampled
-            if stage == "shortcut":
-                ckpt["edges"] = meta["edges"]
+            if stage == "shortcut":  # and the base it was distilled from: the shipped ddpm, by its bytes
+                ckpt.update(edges=meta["edges"], teacher_sha256=file_sha256(os.path.join(folder, "ddpm.safetensors")))
         else:
             ckpt.update(model=state, arch=meta["arch"], test_acc=meta["test_acc"])
         save_atomic(ckpt, path)

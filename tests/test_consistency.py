@@ -262,7 +262,7 @@ def test_shortcut_refuses_an_unfinished_or_changed_teacher(tmp_path, cifar_root,
     fake_teacher(out)
     train_shortcut.train(dict(cfg), torch.device("cpu"))
     ckpt = load_checkpoint(os.path.join(out, "shortcut", "ckpt.pt"), "shortcut")
-    assert ckpt["teacher_sha256"] == file_sha256(os.path.join(out, "ddpm", "ckpt.pt"))
+    assert ckpt["teacher_sha256"] == file_sha256(os.path.join(out, "ddpm", "model.safetensors"))
     train_shortcut.train(dict(cfg), torch.device("cpu"))  # complete, same teacher: skipped, no error
     fake_teacher(out)  # new random weights: another teacher
     with pytest.raises(UserError, match="another teacher"):

@@ -104,3 +104,25 @@ def test_quick_preset_is_pretrained_and_small():
     # what was measured at 5.0 min on 2 free cores (checkpoints/README.md): no larger
     assert cfg["ft_steps"] * cfg["ft_batch"] <= 480 and cfg["n_eval"] <= 128 and cfg["sample_batch"] <= 32
     assert config.resolve(["--preset=quick", "--ft_steps=5"], False)["ft_steps"] == 5  # keys still override it
+
+
+def test_a_shortcut_next_to_another_base_is_refused(tmp_path):
+    """Provenance across --pretrained: the installed shortcut names the shipped base it was distilled from, so
+    a kept base of one's own (here: the installed one replaced by other weights) makes the shortcut stage and
+    ShortFT stop with one line instead of fine-tuning one base through another base's shortcut."""
+    import train_shortcut
+    import train_shortft
+    from sftlib.common import export_safetensors, file_sha256, load_checkpoint
+
+    cfg = config.resolve([f"--out_dir={tmp_path}", "--pretrained", "--device=cpu"], False)
+    pretrained.install(cfg)
+    shortcut = load_checkpoint(str(tmp_path / "shortcut" / "ckpt.pt"), "shortcut")
+    assert shortcut["teacher_sha256"] == file_sha256(str(tmp_path / "ddpm" / "model.safetensors"))
+    train_shortcut.train(dict(cfg), torch.device("cpu"))  # the shipped pair: complete, skipped, no error
+    state, meta = read_safetensors(str(tmp_path / "ddpm" / "model.safetensors"))
+    export_safetensors({k: v + 1e-3 for k, v in state.items()}, meta["config"], str(tmp_path / "ddpm" / "model.safetensors"),
+                       kind="ddpm")  # another base in its place
+    with pytest.raises(UserError, match="another teacher"):
+        train_shortcut.train(dict(cfg), torch.device("cpu"))
+    with pytest.raises(UserError, match="distilled from another base model"):
+        train_shortft.train(dict(cfg), torch.device("cpu"))

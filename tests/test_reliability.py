@@ -293,6 +293,17 @@ def test_resume_uses_the_checkpoints_config_and_refuses_a_conflicting_flag(tmp_p
     assert ckpt["config"]["out_dir"] == f"{tmp_path}/moved" and not os.path.exists(f"{tmp_path}/a")
     steps = np.loadtxt(f"{tmp_path}/moved/ddpm/log.csv", delimiter=",", skiprows=1)[:, 0]
     assert list(steps) == [1, 2, 3, 4, 5, 6]  # step 3 of the stopped run is not repeated
+    # a complete stage trained on with a larger budget is unfinished again until it ends: its export goes first,
+    # so a shortcut is never distilled from the half-trained teacher a stopped extension leaves behind
+    export = f"{tmp_path}/moved/ddpm/model.safetensors"
+    assert os.path.isfile(export)
+    more = cfg_of(f"--out_dir={tmp_path}/moved", f"--data_root={images}", "--resume", "--ddpm_steps=10")
+    with pytest.raises(UserError, match="loss became nan at step 8"):
+        nan_at(2, lambda: train_ddpm.train(more, torch.device("cpu")))
+    assert not os.path.exists(export)
+    import train_shortcut
+    with pytest.raises(UserError, match="unfinished"):
+        train_shortcut.train(cfg_of(f"--out_dir={tmp_path}/moved", f"--data_root={images}"), torch.device("cpu"))
 
 
 def nan_at(n, fn):

@@ -17,6 +17,7 @@ import torch
 import ddpm
 from sftlib.common import bf16_autocast, ema_update, export_safetensors, save_grid, set_rng_state
 from sftlib.data import DeviceBatches, load_cifar10
+from sftlib.metrics import ddim50
 from sftlib.models import schedule_of
 from sftlib.stage import Stage, run_alone
 from unet import build_unet
@@ -24,8 +25,7 @@ from unet import build_unet
 
 @torch.no_grad()  # sampling grids for a look: no gradients needed
 def sample_grid(model, sched, x_T, real, path, batch):
-    x0 = torch.cat([ddpm.ddim_sample(model, sched, x_T[i:i + batch], ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN))
-                    for i in range(0, len(x_T), batch)])  # (B, 3, 32, 32)
+    x0 = ddim50(model, sched, x_T, batch)  # (B, 3, 32, 32)
     save_grid(torch.cat([real, x0]), path)
 
 
@@ -43,11 +43,9 @@ def lr_at(cfg, step):
 def train(cfg, device):
     stage = Stage(cfg, "ddpm", kind="ddpm", steps="ddpm_steps", columns=("loss",))
     export = os.path.join(stage.out, "model.safetensors")  # written last: the stage is complete once it exists
-    ckpt = stage.resume_or_skip(complete=lambda c: c["step"] >= cfg["ddpm_steps"] and os.path.isfile(export))
+    ckpt = stage.resume_or_skip(complete=lambda c: c["step"] >= cfg["ddpm_steps"] and os.path.isfile(export), export=export)
     if stage.skipped:
         return stage.ckpt_path
-    if os.path.exists(export):  # training again (a larger budget): the stage is complete only once it is rewritten
-        os.remove(export)
     steps = cfg["ddpm_steps"]  # on --resume, cfg is now the checkpoint's config (sftlib/stage.py)
     model = build_unet(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["ddpm_lr"])

@@ -22,7 +22,7 @@ from sftlib.common import (UserError, bf16_autocast, ema_update, export_safetens
                            save_grid, set_rng_state)
 from sftlib.data import DeviceBatches, load_cifar10
 from sftlib.models import MODEL_KEYS, load_ddpm
-from sftlib.stage import LEGACY, Stage, run_alone
+from sftlib.stage import LEGACY, Stage, run_alone, upstream
 
 
 @torch.no_grad()  # sampling grids for a look: no gradients needed
@@ -35,24 +35,17 @@ def sample_grid(teacher, student, sched, x_T, edges, path):
 def train(cfg, device):
     stage = Stage(cfg, "shortcut", kind="shortcut", steps="shortcut_steps", columns=("loss",))
     export = os.path.join(stage.out, "model.safetensors")  # written last: the stage is complete once it exists
-    teacher_path = os.path.join(cfg["out_dir"], "ddpm", "ckpt.pt")
-    if not os.path.isfile(teacher_path):
-        raise UserError(f"[shortcut] no teacher at {teacher_path}: run the ddpm stage first "
-                        f"(python train_toy.py --stages=ddpm --out_dir={cfg['out_dir']})")
-    if not os.path.isfile(os.path.join(os.path.dirname(teacher_path), "model.safetensors")):  # written last by the ddpm stage
-        raise UserError(f"[shortcut] the teacher at {teacher_path} is unfinished: complete the ddpm stage first "
-                        f"(python train_toy.py --stages=ddpm --resume --out_dir={cfg['out_dir']})")
+    teacher_path = upstream(cfg["out_dir"], "ddpm", "the shortcut stage")  # a complete ddpm stage, or one line
     # provenance: the shortcut names the teacher it was distilled from by its export's bytes (a torch.save archive's
     # bytes also depend on the temporary file name it was written under)
     teacher_sha = file_sha256(os.path.join(os.path.dirname(teacher_path), "model.safetensors"))
-    ckpt = stage.resume_or_skip(complete=lambda c: c["step"] >= cfg["shortcut_steps"] and os.path.isfile(export))
+    ckpt = stage.resume_or_skip(complete=lambda c: c["step"] >= cfg["shortcut_steps"] and os.path.isfile(export),
+                                export=export)
     if ckpt is not None and ckpt.get("teacher_sha256", teacher_sha) != teacher_sha:  # older checkpoints: not recorded
         raise UserError(f"{stage.ckpt_path} was distilled from another teacher than {teacher_path} (its SHA-256 "
                         f"differs): move {stage.out} aside to distil the shortcut again from this one")
     if stage.skipped:
         return stage.ckpt_path
-    if os.path.exists(export):  # training again (a larger budget): the stage is complete only once it is rewritten
-        os.remove(export)
     steps = cfg["shortcut_steps"]  # on --resume, cfg is now the checkpoint's config (sftlib/stage.py)
     teacher, sched, teacher_cfg = load_ddpm(teacher_path, device)  # the DDPM's EMA weights
     teacher.requires_grad_(False)

@@ -31,7 +31,7 @@ from sftlib.common import (UserError, export_safetensors, file_sha256, load_chec
                            write_text)
 from sftlib.metrics import ddim50, evaluate_model
 from sftlib.models import build_finetuned, load_ddpm, load_naive_shortcut, load_reward, load_shortcut
-from sftlib.stage import Stage, run_alone
+from sftlib.stage import Stage, run_alone, upstream
 
 
 def training_chain(cfg, ft, student, sched, x_T, phase):
@@ -51,23 +51,16 @@ def phase_at(cfg, k, done):
 def train(cfg, device, probe=None):
     """The stage. probe (benchmarks/ft_probe.py): measurements around the loop, None in the pipeline."""
     out_name = cfg["method"]  # out/shortft, or out/draft, ... for a baseline
-    paths = {name: os.path.join(cfg["out_dir"], name, "ckpt.pt") for name in ("ddpm", "shortcut", "evaluator")}
-    for name, path in paths.items():
-        if not os.path.isfile(path):
-            raise UserError(f"ShortFT needs {path}: run the {'classifier' if name == 'evaluator' else name} stage "
-                            f"first (--stages={'classifier' if name == 'evaluator' else name})")
-    base_path, shortcut_path = paths["ddpm"], paths["shortcut"]
-    for name in ("ddpm", "shortcut"):  # provenance: never fine-tune from, or through, an unfinished stage
-        if not os.path.isfile(os.path.join(cfg["out_dir"], name, "model.safetensors")):  # each stage writes it last
-            raise UserError(f"the {name} stage in {cfg['out_dir']} is unfinished: complete it first "
-                            f"(python train_toy.py --stages={name} --resume --out_dir={cfg['out_dir']})")
+    # the complete upstream stages (never fine-tune from, or through, an unfinished one), or one line
+    base_path, shortcut_path, _ = (upstream(cfg["out_dir"], name, "ShortFT") for name in ("ddpm", "shortcut", "evaluator"))
     stage = Stage(cfg, out_name, kind="shortft", steps="ft_steps")
     ckpt = stage.resume_or_skip(complete=lambda c: c["done"])  # done: saved after every output exists
     if stage.skipped:
         return stage.ckpt_path
     # the base and shortcut, named by their bytes: a resumed run must go on from the same ones
     base_sha, shortcut_sha = file_sha256(base_path), file_sha256(shortcut_path)
-    distilled_from = load_checkpoint(shortcut_path, "shortcut").get("teacher_sha256")  # None: not recorded (older)
+    shortcut_ckpt = load_checkpoint(shortcut_path, "shortcut")
+    distilled_from = shortcut_ckpt.get("teacher_sha256")  # None: not recorded (older checkpoints)
     if distilled_from not in (None, file_sha256(os.path.join(cfg["out_dir"], "ddpm", "model.safetensors"))):
         raise UserError(f"the shortcut in {os.path.dirname(shortcut_path)} was distilled from another base model than "
                         f"{base_path}: distil it again from this one (move the shortcut folder aside, --stages=shortcut)")
@@ -76,7 +69,7 @@ def train(cfg, device, probe=None):
             raise UserError(f"cannot resume {stage.ckpt_path}: {path} is not the model it was fine-tuned from "
                             f"(its SHA-256 differs)")
 
-    student, _, _, edges = load_shortcut(shortcut_path, device)
+    student, _, _, edges = load_shortcut(shortcut_path, device, ckpt=shortcut_ckpt)
     if cfg["method"] == "shortft_naive":  # the control: the same segments, the base's one DDIM step as the jump
         student = load_naive_shortcut(base_path, device)
     reward = load_reward(cfg["reward"], cfg["out_dir"], device)

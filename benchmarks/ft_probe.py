@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as `python benchmarks/ft_probe.py` from anywhere: the project's modules live at ROOT
 
 import train_shortft  # noqa: E402
-from shortft import shortft_chain  # noqa: E402
+from shortft import merge_for_sampling, shortft_chain  # noqa: E402
 from sftlib import config  # noqa: E402
 from sftlib.common import UserError, pick_device, run_main, seed_all, write_text  # noqa: E402
 from sftlib.stage import lock_folder  # noqa: E402
@@ -150,7 +150,7 @@ class Probe:
         due = (o["ft_eval_every"] > 0 and step % o["ft_eval_every"] == 0) or \
             (o["ft_eval_every_s"] > 0 and train_s >= (len(self.curve) + 1) * o["ft_eval_every_s"])
         if due and self.budget(step, train_s) < 1:
-            m, x0 = evaluate_model(train_shortft.merge_for_sampling(ft), sched, x_eval, self.cfg, self.device)
+            m, x0 = evaluate_model(merge_for_sampling(ft), sched, x_eval, self.cfg, self.device)
             m["chain_gap"] = chain_gap(self.cfg, ft, student, sched, x_eval[:N_GAP], x0[:N_GAP], phase)
             self.curve.append(point(step, train_s, m))
             say(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in self.curve[-1].items()

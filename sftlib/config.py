@@ -165,8 +165,8 @@ EVAL_DEFAULTS = dict(  # keys of `python train_toy.py eval` (sftlib/metrics.py)
 # --- range checks: a value outside its range is a one-line error before anything is read or written ---
 AT_LEAST_1 = ("ddpm_steps", "ddpm_batch", "ddpm_warmup", "ddpm_ckpt_every", "log_every", "sample_every", "T", "ch",
               "num_res_blocks", "classifier_width", "classifier_steps", "evaluator_width", "evaluator_steps",
-              "cls_batch", "cls_ckpt_every", "k_segments", "shortcut_steps", "shortcut_batch", "shortcut_ckpt_every",
-              "ft_steps", "ft_batch", "lora_rank", "ft_ckpt_every", "draft_k", "lv_n", "grid_ddpm", "grid_shortcut",
+              "cls_batch", "cls_ckpt_every", "shortcut_steps", "shortcut_batch", "shortcut_ckpt_every",
+              "ft_steps", "ft_batch", "lora_rank", "ft_ckpt_every", "lv_n", "grid_ddpm", "grid_shortcut",
               "grid_ft", "sample_batch", "fid_ref_n")
 AT_LEAST_0 = ("n_boot", "ddpm_min_snr", "n_train", "n_test", "seed", "cls_weight_decay", "alignprop_min", "fid_n")
 POSITIVE = ("ddpm_lr", "cls_lr", "shortcut_lr", "ft_lr", "ddpm_grad_clip", "shortcut_grad_clip", "ft_grad_clip",

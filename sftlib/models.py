@@ -19,7 +19,8 @@ def schedule_of(cfg, device):
     return ddpm.Schedule(cfg["T"], cfg["beta_1"], cfg["beta_T"], device, cfg.get("clip_x0", True))
 
 
-def _unet_from(ckpt, path, weights):
+def unet_from(ckpt, path, weights):
+    """The UNet ckpt["config"] describes, with ckpt[weights] loaded; weights of another shape: one line naming path."""
     model = build_unet(ckpt["config"])
     try:
         model.load_state_dict(ckpt[weights])
@@ -31,16 +32,17 @@ def _unet_from(ckpt, path, weights):
 def load_ddpm(path, device, use_ema=True):
     """(model, schedule, config) from a DDPM checkpoint; the EMA weights unless use_ema=False."""
     ckpt = load_checkpoint(path, "ddpm")
-    model = _unet_from(ckpt, path, "ema" if use_ema else "model")
+    model = unet_from(ckpt, path, "ema" if use_ema else "model")
     return model.to(device).eval(), schedule_of(ckpt["config"], device), ckpt["config"]
 
 
-def load_shortcut(path, device, use_ema=True):
+def load_shortcut(path, device, use_ema=True, ckpt=None):
     """(student, schedule, config, edges) from a shortcut checkpoint: frozen and in eval mode, ready to
     be used as the shortcut inside a fine-tuning chain. The EMA weights unless use_ema=False. The
-    schedule clips x0_hat (or not) as during distillation: jump with it to stay on that trajectory."""
-    ckpt = load_checkpoint(path, "shortcut")
-    student = _unet_from(ckpt, path, "ema" if use_ema else "model")
+    schedule clips x0_hat (or not) as during distillation: jump with it to stay on that trajectory.
+    ckpt: the checkpoint already read from `path` (not read again)."""
+    ckpt = ckpt if ckpt is not None else load_checkpoint(path, "shortcut")
+    student = unet_from(ckpt, path, "ema" if use_ema else "model")
     return (student.to(device).eval().requires_grad_(False), schedule_of(ckpt["config"], device), ckpt["config"],
             list(ckpt["edges"]))
 

@@ -59,17 +59,12 @@ def read_file(path, kinds):
 def load_unet(path, kinds, device):
     """(UNet in eval mode, schedule, metadata) of a ddpm or shortcut .safetensors, e.g.
     checkpoints/ddpm.safetensors: what `train_toy.py sample --ckpt=FILE.safetensors` draws from."""
-    from sftlib.models import schedule_of
-    from unet import build_unet
+    from sftlib.models import schedule_of, unet_from
 
     state, meta = read_file(path, kinds)
     if not isinstance(meta.get("config"), dict):
         raise UserError(f"{path} has no config in its metadata: not a file this project wrote")
-    net = build_unet(meta["config"])
-    try:
-        net.load_state_dict(state)
-    except RuntimeError:
-        raise UserError(f"{path}: weights do not match the UNet its config describes") from None
+    net = unet_from(dict(config=meta["config"], weights=state), path, "weights")
     return net.to(device).eval().requires_grad_(False), schedule_of(meta["config"], device), meta
 
 

@@ -101,10 +101,18 @@ class Stage:
         """A line of the stage's own, printed above the progress bar when there is one."""
         (self.bar.write if self.bar is not None else print)(f"[{self.name}] {msg}")
 
-    def resume_or_skip(self, complete):
+    def resume_or_skip(self, complete, export=None):
         """The checkpoint to resume, or None for a fresh run. A checkpoint for which complete(ckpt) holds
         sets self.skipped; an unfinished one is resumed only with --resume, else it is an error (a run
-        is never silently overwritten)."""
+        is never silently overwritten). export: the file a stage writes last to mark itself complete; a
+        stage that trains (again: a larger budget) removes it first, so a stopped run is never taken for a
+        complete one by the stages built on it (upstream)."""
+        ckpt = self._resume_or_skip(complete)
+        if export is not None and not self.skipped and os.path.exists(export):
+            os.remove(export)
+        return ckpt
+
+    def _resume_or_skip(self, complete):
         if os.path.isdir(self.out):
             lock_folder(self.out)
         if not os.path.exists(self.ckpt_path):
@@ -225,6 +233,22 @@ class Stage:
         if self.log is not None:
             self.log.close()
         self.bar = self.log = None
+
+
+EXPORTED = ("ddpm", "shortcut")  # the stages whose model.safetensors, written last, marks them complete
+
+
+def upstream(out_dir, name, needed_by):
+    """<out_dir>/<name>/ckpt.pt of an earlier stage that `needed_by` builds on, or a one-line error: missing
+    (run it first) or, for the stages in EXPORTED, unfinished (complete it first: never build on a stopped run)."""
+    path, stage = os.path.join(out_dir, name, "ckpt.pt"), "classifier" if name == "evaluator" else name
+    if not os.path.isfile(path):
+        raise UserError(f"{needed_by} needs {path}: run the {stage} stage first "
+                        f"(python train_toy.py --stages={stage} --out_dir={out_dir})")
+    if name in EXPORTED and not os.path.isfile(os.path.join(out_dir, name, "model.safetensors")):
+        raise UserError(f"the {name} stage in {out_dir} is unfinished: complete it first "
+                        f"(python train_toy.py --stages={name} --resume --out_dir={out_dir})")
+    return path
 
 
 def run_alone(train, doc):

@@ -17,7 +17,10 @@ import torch.utils.checkpoint
 import ddpm
 from shortft import shortft_chain
 
-METHODS = ("shortft", "shortft_naive", "draft", "draft_lv", "alignprop", "drtune", "full")
+# ShortFT's short chain: with the distilled shortcut, the naive jump (the frozen base's one DDIM step over a
+# segment) and the perfect shortcut (the frozen base's real DDIM steps over it): the two controls
+SHORT_CHAIN = ("shortft", "shortft_naive", "shortft_perfect")
+METHODS = ("shortft", "shortft_naive", "shortft_perfect", "draft", "draft_lv", "alignprop", "drtune", "full")
 
 
 def _step(model, sched, x, timesteps, i, grad=True, ckpt=False, sg_input=False):
@@ -117,10 +120,11 @@ def full_chain(model, sched, x_T, timesteps, checkpoint=False):
 def method_chain(method, model, student, sched, x_T, groups, timesteps, phase=0, draft_k=1, lv_n=2, window=(0, 50),
                  drtune_k=5, full_checkpoint=False, generator=None):
     """x_0 of `method`'s training chain from x_T: ShortFT's short chain (shortft_naive: the same chain,
-    `student` being the frozen base model, the naive-jump control) at P-Training phase `phase`, or a
+    `student` being the frozen base model, the naive-jump control; shortft_perfect: its real DDIM steps
+    in place of each jump, the perfect-shortcut control) at P-Training phase `phase`, or a
     baseline's long chain over `timesteps` (DRaFT-LV: its n copies, (n B, C, H, W))."""
-    if method in ("shortft", "shortft_naive"):
-        return shortft_chain(model, student, sched, x_T, groups, phase)
+    if method in SHORT_CHAIN:
+        return shortft_chain(model, student, sched, x_T, groups, phase, perfect=method == "shortft_perfect")
     if method == "draft":
         return draft_chain(model, sched, x_T, timesteps, draft_k)
     if method == "draft_lv":

@@ -20,6 +20,7 @@ Samples for evaluation always come from the fine-tuned base model's long chain (
 baselines (DRaFT-K, DRaFT-LV, AlignProp, DRTune, full backprop) are in baselines.py.
 """
 import torch
+import torch.utils.checkpoint
 
 import ddpm
 from consistency import jump
@@ -110,9 +111,20 @@ def real_segment(model, sched, x, groups, j, grad_last):
         return base_step(model, sched, x, g[-1], next_t(groups, j, len(g) - 1))
 
 
-def shortft_chain(model, student, sched, x_T, groups, phase=0):
+def perfect_jump(base, sched, x, segment):
+    """What a perfect shortcut would give (the control `shortft_perfect`): in place of the jump
+    segment[0] -> segment[-1], the frozen base model's own DDIM steps over the segment, gradient through
+    their inputs x_t only. Each call is checkpointed (recomputed in backward), so memory stays that of
+    the short chain while the compute is that of full backprop over these steps."""
+    for t, s in zip(segment[:-1], segment[1:]):
+        x = torch.utils.checkpoint.checkpoint(base_step, base, sched, x, t, s, use_reentrant=False)
+    return x
+
+
+def shortft_chain(model, student, sched, x_T, groups, phase=0, perfect=False):
     """x_0 of one ShortFT sample (PAPER.md Sec. 3): real segments up to `phase` (P-Training), then per
-    segment a shortcut jump to its edge and one base step at the edge. Differentiable into model's LoRA."""
+    segment a shortcut jump to its edge and one base step at the edge. Differentiable into model's LoRA.
+    perfect: `student` is the frozen base model and each jump is its real DDIM steps (perfect_jump)."""
     if not 0 <= phase < len(groups):
         raise ValueError(f"P-Training phase must be in [0, {len(groups)}), got {phase}")
     x = x_T  # (B, C, H, W), at the chain's first timestep
@@ -121,7 +133,10 @@ def shortft_chain(model, student, sched, x_T, groups, phase=0):
     x = real_segment(model, sched, x, groups, phase, grad_last=True)  # x at the first t of segment phase+1
     for j in range(phase + 1, len(groups)):
         g = groups[j]
-        x = jump(student, sched, x, g[0], g[-1])  # the shortcut g[0] -> s_j: frozen, gradient through x
+        if perfect:
+            x = perfect_jump(student, sched, x, g)  # the base's real steps g[0] -> s_j: frozen, gradient through x
+        else:
+            x = jump(student, sched, x, g[0], g[-1])  # the shortcut g[0] -> s_j: frozen, gradient through x
         x = base_step(model, sched, x, g[-1], next_t(groups, j, len(g) - 1))  # the base step at s_j
     return x  # (B, C, H, W) x_0
 

@@ -1,14 +1,21 @@
-"""Stage `classifier`: train the reward classifier and the held-out evaluator, two CIFAR-10 classifiers
-(their networks: sftlib/nets.py).
+"""Stage `classifier`: train the reward classifier, the held-out evaluator and the judge, three CIFAR-10
+classifiers (their networks: sftlib/nets.py).
 
 - The **reward classifier** (ResNet-9) gives the reward log p(target | x) (rewards.py).
 - The **held-out evaluator** (a plain VGG-style net, another seed) is never used as a reward. It
   judges the fine-tuned samples (sftlib/metrics.py): if the reward classifier's score rises but the
   evaluator's does not, the fine-tuning hacked the reward instead of drawing more ships.
+- The **judge** (an all-convolutional net, weight-standardized convs and GroupNorm, a third seed) is never used as a reward or
+  for tuning either; it measures the comparison's quality and target-rate axis (sftlib/judge.py) from
+  outside the reward's family: another architecture, no BatchNorm, and other training images, the
+  *second half* of every class (data.load_cifar10's half=1; --n_train then counts within it). The other
+  two nets see the first --n_train images of every class: with --n_train <= 25000 the judge's images are
+  disjoint from theirs; with the default n_train=0 (all 50k) they see the judge's half too.
 
-Writes <out_dir>/classifier/ckpt.pt (kind "classifier") and <out_dir>/evaluator/ckpt.pt (kind
-"evaluator") = {kind, model, opt, step, config, rng, arch, test_acc, elapsed}, a log.csv next to
-each, and finally <out_dir>/evaluator/real_stats.npz (sftlib/metrics.py: the real images' features).
+Writes <out_dir>/<kind>/ckpt.pt for kind = classifier, evaluator, judge = {kind, model, opt, step, config,
+rng, arch, test_acc, elapsed}, a log.csv next to each, and finally <out_dir>/evaluator/real_stats.npz and
+<out_dir>/judge/real_stats.npz (sftlib/metrics.py, sftlib/judge.py: the real images' features). In a
+folder whose classifier and evaluator are complete (a run from before the judge) only the judge trains.
 
     python train_classifier.py --classifier_steps=500   # this stage alone (= python train_toy.py --stages=classifier)
 """
@@ -18,15 +25,17 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sftlib import metrics
+from sftlib import judge, metrics
 from sftlib.common import UserError, bf16_autocast, seed_all, set_rng_state
 from sftlib.data import DeviceBatches, load_cifar10
 from sftlib.nets import build_net
 from sftlib.stage import Stage, run_alone
 
-# kind -> (architecture, config key of its width, of its steps, seed offset): a different seed too
-NETS = {"classifier": ("resnet9", "classifier_width", "classifier_steps", 0),
-        "evaluator": ("vgg", "evaluator_width", "evaluator_steps", 1)}
+# kind -> (architecture, config key of its width, of its steps, seed offset, half of every class it
+# trains on: None = the first --n_train images, 1 = the second half, the judge's own): a different seed too
+NETS = {"classifier": ("resnet9", "classifier_width", "classifier_steps", 0, None),
+        "evaluator": ("vgg", "evaluator_width", "evaluator_steps", 1, None),
+        "judge": ("allconv", "judge_width", "judge_steps", 2, 1)}
 
 
 def random_crop(x, pad=4):
@@ -59,8 +68,8 @@ def lr_at(step, steps, peak):
 
 
 def train_net(kind, cfg, device):
-    """Train one of the two nets (kind = "classifier" | "evaluator") to <out_dir>/<kind>/ckpt.pt."""
-    arch_name, width_key, steps_key, seed_offset = NETS[kind]
+    """Train one of the three nets (kind = "classifier" | "evaluator" | "judge") to <out_dir>/<kind>/ckpt.pt."""
+    arch_name, width_key, steps_key, seed_offset, half = NETS[kind]
     stage = Stage(cfg, kind, kind=kind, steps=steps_key, columns=("loss", "train_acc"))
     ckpt = stage.resume_or_skip(complete=lambda c: c["test_acc"] is not None and c["step"] >= cfg[steps_key])
     if stage.skipped:
@@ -72,10 +81,10 @@ def train_net(kind, cfg, device):
         if ckpt["arch"] != arch:
             raise UserError(f"cannot resume {stage.ckpt_path}: it is a {ckpt['arch']}, the config asks for {arch}")
         step, elapsed = ckpt["step"], ckpt["elapsed"]
-    elif kind == "evaluator" and os.path.exists(os.path.join(stage.out, "real_stats.npz")):
-        os.remove(os.path.join(stage.out, "real_stats.npz"))  # features of an old evaluator: stale
+    elif kind in ("evaluator", "judge") and os.path.exists(os.path.join(stage.out, "real_stats.npz")):
+        os.remove(os.path.join(stage.out, "real_stats.npz"))  # features of an old evaluator or judge: stale
 
-    seed_all(cfg["seed"] + seed_offset)  # the evaluator's init and batches differ from the classifier's
+    seed_all(cfg["seed"] + seed_offset)  # each net's init and batches differ from the others'
     net = build_net(arch, device)
     opt = torch.optim.SGD(net.parameters(), lr=cfg["cls_lr"], momentum=0.9, nesterov=True,
                           weight_decay=cfg["cls_weight_decay"])
@@ -84,7 +93,7 @@ def train_net(kind, cfg, device):
         opt.load_state_dict(ckpt["opt"])
         set_rng_state(ckpt["rng"])
     cache = os.path.join(cfg["out_dir"], "cache")
-    x, y = load_cifar10(cfg["data_root"], "train", cfg["n_train"], cache)
+    x, y = load_cifar10(cfg["data_root"], "train", cfg["n_train"], cache, half=half)
     data = DeviceBatches(x, y, device)  # batches with random flips, cut on the device
     B = cfg["cls_batch"]
     print(f"[{kind}] {arch_name} width {arch['width']}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M "
@@ -125,12 +134,15 @@ def train_net(kind, cfg, device):
 
 
 def train(cfg, device):
-    """The `classifier` stage: reward classifier, held-out evaluator, then the real-feature statistics."""
+    """The `classifier` stage: reward classifier, held-out evaluator, judge, then the real-feature statistics."""
     for kind in NETS:
         train_net(kind, cfg.copy(), device)  # a copy each: a resumed net takes its own checkpoint's config
     stats = metrics.real_stats(cfg["out_dir"], device)
     print(f"[evaluator] real floor: {metrics.FD_NAME} between {stats['n_train']} train and "
           f"{stats['n_test']} test images = {stats['fd_floor']:.4g}")
+    stats = judge.real_stats(cfg["out_dir"], device)
+    print(f"[judge] real floor: Fréchet distance in the judge's features between {stats['n_train']} train "
+          f"images it never saw and {stats['n_test']} test images = {stats['fd_floor']:.4g}")
 
 
 if __name__ == "__main__":

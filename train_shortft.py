@@ -24,7 +24,7 @@ import torch
 
 import ddpm
 import tlora
-from baselines import method_chain
+from baselines import SHORT_CHAIN, method_chain
 from rewards import reward_loss
 from shortft import merge_for_sampling, ptrain_phase, set_phase
 from sftlib.common import (UserError, export_safetensors, file_sha256, load_checkpoint, plot_lines, save_grid, set_rng_state,
@@ -43,7 +43,7 @@ def training_chain(cfg, ft, student, sched, x_T, phase):
 
 def phase_at(cfg, k, done):
     """P-Training's phase (shortft.ptrain_phase) once the fraction `done` of the budget is used; 0 without it."""
-    if not cfg["progressive"] or cfg["method"] not in ("shortft", "shortft_naive"):
+    if not cfg["progressive"] or cfg["method"] not in SHORT_CHAIN:
         return 0
     return ptrain_phase(k, done, cfg["ptrain_t1_phase"])
 
@@ -70,7 +70,7 @@ def train(cfg, device, probe=None):
                             f"(its SHA-256 differs)")
 
     student, _, _, edges = load_shortcut(shortcut_path, device, ckpt=shortcut_ckpt)
-    if cfg["method"] == "shortft_naive":  # the control: the same segments, the base's one DDIM step as the jump
+    if cfg["method"] in ("shortft_naive", "shortft_perfect"):  # the controls: the frozen base makes the jump
         student = load_naive_shortcut(base_path, device)
     reward = load_reward(cfg["reward"], cfg["out_dir"], device)
     ft, sched = build_finetuned(cfg, base_path, edges, device)

@@ -16,7 +16,7 @@
 Stages, in order (each writes under <out_dir>/<stage>/):
     ddpm        train the base DDPM (train_ddpm.py; maths in ddpm.py, network in unet.py)
     shortcut    distil the DDPM into the few-step shortcut (train_shortcut.py; concept in consistency.py)
-    classifier  train the reward classifier and the held-out evaluator (train_classifier.py; rewards.py)
+    classifier  train the reward classifier, the held-out evaluator and the judge (train_classifier.py; rewards.py)
     shortft     fine-tune the base DDPM against the reward through the shortcut chain (train_shortft.py; shortft.py)
 """
 import importlib
@@ -113,7 +113,9 @@ def print_results(out_dir, method, minutes):
             ("held-out evaluator: mean log p(target)", "evaluator_mean_logp_target"),
             ("reward classifier: target-class rate", "classifier_target_rate"),
             ("evaluator-feature Fréchet distance", "fd"),
-            ("diversity, tr(Σ)/tr(Σ_test) (collapse → 0)", "diversity")]
+            ("diversity, tr(Σ)/tr(Σ_test) (collapse → 0)", "diversity"),
+            ("judge (sftlib/judge.py): target-class rate", "judge_target_rate"),
+            ("judge-feature Fréchet distance", "judge_fd")]
     print(f"\n{method}, DDIM-50 samples of the base model before and after ({m['after']['n_samples']} fixed noises):")
     print("| metric | before | after |\n|---|---|---|")
     for name, key in rows:

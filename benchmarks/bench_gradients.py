@@ -1,20 +1,35 @@
-"""The gradient study (sftlib/gradstudy.py): for every method, the cosine between its gradient and the
-full DDIM-50 gradient, and its norm; DRaFT-K's depth sweep K = 1..50; the gradient each UNet call
-contributes; the adjoint |dr/dx_t| at every t; with the hard x0-clip, the straight-through one and
-none. No training: every gradient is taken at the LoRA's initialisation (B = 0, so the model is the base).
+"""The gradient study, by signal and noise (sftlib/gradstudy.py): does one step along a method's gradient on
+a training batch raise the reward on OTHER noises? At batch 8 one batch's gradient says little about other
+noises (two batches' full DDIM-50 gradients can have a negative cosine), so the cosine with the full gradient
+of the same batch (kept as the column cos_same) cannot rank methods. The headline is held out:
 
-    python benchmarks/bench_gradients.py                           # the classroom checkpoints (hours on a CPU: a GPU job)
-    python benchmarks/bench_gradients.py --models=out              # a CPU-preset pipeline run: ~30 min on 2 CPU cores
-    python benchmarks/bench_gradients.py --n=16 --inits=1 --clips=hard   # a quick look
-    python benchmarks/bench_gradients.py --from_results=a/results.json,b/results.json --out=OUT   # merge studies
+    truth    G_H = the full DDIM-50 gradient of the mean reward over --heldout noises no method trains on
+    cos_H    cos(g, G_H), g a method's gradient on one training batch of --batch noises
+    gain     G_H . g/|g|: the held-out first-order gain of a unit step along g (reward per unit |LoRA step|)
+    real     with --eta=E1,E2,..: the held-out mean reward after the LoRA moves by eta g/|g| (DDIM-50 re-sampled,
+             the same held-out noises), minus before; shown per unit step (/ eta) beside gain. One Adam step
+             at lr 4e-4 moves each of the ~12k entries of the LoRA's B (A gets no gradient at B = 0; CPU-preset
+             UNet, rank 4) by ~lr: |step| ~ 0.045
 
-DRaFT-K is not run as a method: its gradient is exactly the sum of the last K calls' contributions to the
-full gradient (tests/test_gradstudy.py), so the depth sweep gives every K, K = 1 included, for free.
-Every method's gradient is that of the mean reward over the same --n samples (x_T fixed per init), in
-one parameter space: a single LoRA (rank --lora_rank) on every conv and linear layer, for every method
-(ShortFT too, so without T-LoRA: its P-Training phases are shortft_s0..s3 on that one LoRA). Each init
-is its own seeded LoRA A (B = 0) and its own batch of noise. Writes <out>/results.json, <out>/table.md
-and three PNGs (<out>/grad_cosine.png, grad_per_call.png, grad_adjoint.png; --docs=DIR copies them).
+Each method runs on --batches disjoint training batches (the same ones for every method), so each cell is a
+mean and [min, max] over batches. Rows: draft (DRaFT-1, exactly the full chain's last call), draft_lv,
+alignprop, drtune, shortft (one LoRA, P-Training phase 0, the distilled shortcut), shortft_naive (the frozen
+base's one DDIM step as the jump), shortft_perfect (the frozen base's real DDIM steps as the jump), full (full
+backprop on the batch: its cos_H is the noise ceiling of any batch-B method), and shortft_k8 with
+--k8_shortcut=PATH/ckpt.pt (a k = 8 shortcut distilled from the same base). Also per row: pooled (cos_H of the
+sum of its batch gradients: the method at batch --batches x --batch) and signal (a debiased estimate of
+cos(E g, true gradient), from cross-batch dot products; noisy, nan when an estimate is <= 0) and cos_loo (the
+cosine with a larger truth: the full gradient over the held-out set and the OTHER training batches, all disjoint
+from the method's batch: --heldout + (--batches - 1) x --batch noises). The batch size
+needed: the full gradient's cos_H at B = --batch x 1, 2, 4, .. (sums of disjoint batches), and the per-sample
+signal-to-noise fitted from the independent full gradients, which gives the cosine with the truth at any B.
+No training: every gradient is taken at the LoRA's initialisation (B = 0: the model is the base), with the
+base's own x0-clip. The DRaFT-K depth sweep (cos_H for K = 1..50) comes free from each batch's decomposition.
+
+    python benchmarks/bench_gradients.py --models=DIR --out=OUT [--eta=0.005,0.045] [--k8_shortcut=DIR8/shortcut/ckpt.pt]
+    python benchmarks/bench_gradients.py --models=DIR --batches=2 --heldout=8 --methods=draft,shortft,full  # a look
+
+Writes <out>/results.json (after every reward), <out>/table.md and <out>/grad_snr.png (--docs=DIR copies it).
 """
 import json
 import os
@@ -29,26 +44,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import ddpm
+import rewards
 from sftlib import config
-from sftlib.common import UserError, pick_device, pyplot, run_main, save_figure, write_text
-from sftlib.gradstudy import cosine, full_decomposition, method_gradient
+from sftlib.common import UserError, file_sha256, load_checkpoint, pick_device, pyplot, run_main, save_figure, write_text
+from sftlib.gradstudy import (batch_for_cosine, batch_gradients, cosine, cosine_with_truth, full_gradient, growth,
+                              mean_reward, realised_gain, signal_cosine, snr_fit, step_measures)
 from sftlib.models import build_finetuned, load_naive_shortcut, load_reward, load_shortcut
+from shortft import FineTuned, segment_groups
 
-DEFAULTS = dict(models="", reward="classifier:ship", n=64, batch=16, inits=3, clips="hard,straight_through,none",
-                methods="draft_lv,alignprop,drtune,shortft,shortft_naive", lora_rank=4, out="out/bench_gradients",
-                docs="", device="cpu", threads=0,
-                from_results="")  # a comma list of results.json (killed or split studies): their runs merged, no new ones
-CLIPS = {"hard": True, "straight_through": "straight_through", "none": False}
-METHODS = ("draft", "draft_lv", "alignprop", "drtune", "shortft", "shortft_naive")
-# UNet calls on the gradient path of one sample (LoRA calls, plus frozen shortcut calls for ShortFT)
-CALLS = {"draft": 1, "draft_lv": 1, "alignprop": 25, "drtune": 5, "shortft_s0": 7, "shortft_s1": 5, "shortft_s2": 3,
-         "shortft_s3": 1, "shortft_naive_s0": 7}
+DEFAULTS = dict(
+    models="",  # a run folder with ddpm/, shortcut/ and classifier/ (empty: the classroom checkpoints, installed)
+    rewards="classifier:ship,brightness",  # a comma list of reward specs, one study each
+    batch=8,  # noises per training batch (every method's gradient is taken on one batch)
+    batches=4,  # disjoint training batches per method (the same ones for every method); at least 2
+    heldout=32,  # held-out noises for the truth G_H (fewer than 24: allowed, with a warning)
+    methods="draft,draft_lv,alignprop,drtune,shortft,shortft_naive,shortft_perfect,full",  # the rows
+    k8_shortcut="",  # a k = 8 shortcut's ckpt.pt, distilled from the same base: adds the row shortft_k8
+    eta="",  # a comma list of step sizes: also the realised held-out gain of a step eta * g/|g| (one DDIM-50 pass over the held-out set per cell and eta)
+    lora_rank=4,  # the one LoRA every row trains (alpha = rank), at its initialisation
+    seed=0,  # the LoRA init, the held-out and training noises, the methods' random draws
+    out="out/bench_gradients",  # results.json, table.md, grad_snr.png
+    docs="",  # a folder to copy grad_snr.png to (e.g. docs)
+    device="cpu",  # cpu | cuda | auto
+    threads=0)  # CPU threads (0: torch's default)
+METHODS = ("draft", "draft_lv", "alignprop", "drtune", "shortft", "shortft_naive", "shortft_perfect", "full")
+MIN_HELDOUT = 24  # fewer held-out noises: the truth itself is too noisy for a headline (allowed, with a warning)
 
 
-def models_dir(a):
-    """The folder with ddpm/, shortcut/, classifier/ checkpoints: --models, else the classroom ones installed."""
+def models_dir(a, specs):
+    """The folder with ddpm/, shortcut/ (and classifier/ for a classifier reward): --models, else the classroom ones."""
+    stages = ("ddpm", "shortcut") + (("classifier",) if any(rewards.needs_classifier(s) for s in specs) else ())
     if a["models"]:
-        for stage in ("ddpm", "shortcut", "classifier"):
+        for stage in stages:
             if not os.path.isfile(os.path.join(a["models"], stage, "ckpt.pt")):
                 raise UserError(f"--models={a['models']} has no {stage}/ckpt.pt: run the pipeline there first")
         return a["models"]
@@ -59,185 +86,234 @@ def models_dir(a):
     return folder
 
 
-def study(a, folder, device, clip, seed):
-    """One clip mode and one LoRA init: the decomposition and every method's gradient."""
+def gradient_path_calls(name, groups):
+    """UNet calls on one sample's gradient path (LoRA calls plus frozen calls the gradient passes through)."""
+    k = len(groups)
+    return {"draft": 1, "draft_lv": 1, "alignprop": 25, "drtune": 5, "full": 50, "shortft_perfect":
+            k + sum(len(g) - 1 for g in groups[1:])}.get(name, 2 * k - 1)
+
+
+def rows_of(a, folder, device):
+    """{row: (eps-predictor, student, method)} and the FineTuned, its schedule and its LoRA parameters."""
     cfg = dict(config.DEFAULTS, method="draft", lora_rank=a["lora_rank"], lora_alpha=float(a["lora_rank"]),
-               out_dir=folder)
+               out_dir=folder)  # method draft: one plain LoRA for every row, ShortFT's single-LoRA arm too
     base = os.path.join(folder, "ddpm", "ckpt.pt")
     student, _, _, edges = load_shortcut(os.path.join(folder, "shortcut", "ckpt.pt"), device)
     naive = load_naive_shortcut(base, device)
-    torch.manual_seed(100 + seed)  # the LoRA's A init
+    torch.manual_seed(100 + a["seed"])  # the LoRA's A init (B = 0)
     ft, sched = build_finetuned(cfg, base, edges, device)
     ft.unet.eval()
-    sched.clip_x0 = CLIPS[clip]
     params = [p for p in ft.unet.parameters() if p.requires_grad]
-    reward = load_reward(a["reward"], folder, device)
     steps = ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN)
-    x_T = torch.randn(a["n"], 3, 32, 32, generator=torch.Generator().manual_seed(200 + seed)).to(device)
-    batches = [x_T[i:i + a["batch"]] for i in range(0, a["n"], a["batch"])]
+    methods = [m for m in a["methods"].split(",") if m]
+    students = {"shortft": (ft, student, "shortft"), "shortft_naive": (ft, naive, "shortft_naive"),
+                "shortft_perfect": (ft, naive, "shortft_perfect")}
+    students = {m: students[m] for m in methods if m in students}
+    if a["k8_shortcut"]:
+        ckpt = load_checkpoint(a["k8_shortcut"], "shortcut")
+        sha = ckpt.get("teacher_sha256")  # None: not recorded (older checkpoints)
+        if sha is not None and sha != file_sha256(os.path.join(folder, "ddpm", "model.safetensors")):
+            raise UserError(f"--k8_shortcut={a['k8_shortcut']} was distilled from another base than {base}")
+        s8, _, _, edges8 = load_shortcut(a["k8_shortcut"], device, ckpt=ckpt)
+        ft8 = FineTuned(ft.unet, segment_groups(steps, edges8), tlora=False)  # the same LoRA, k8's segments
+        students[f"shortft_k{len(edges8)}"] = (ft8, s8, "shortft")
+        methods.append(f"shortft_k{len(edges8)}")
+    return methods, students, ft, sched, params
+
+
+def study(a, folder, device, spec, rows):
+    """One reward: the held-out truth, every method on every training batch, the full gradient's growth."""
+    methods, students, ft, sched, params = rows
+    steps = ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN)
+    reward = load_reward(spec, folder, device)
+    B, m = a["batch"], a["batches"]
+    x_H = torch.randn(a["heldout"], 3, 32, 32, generator=torch.Generator().manual_seed(1000 + a["seed"])).to(device)
+    x_train = torch.randn(m * B, 3, 32, 32, generator=torch.Generator().manual_seed(2000 + a["seed"])).to(device)
     t0 = time.time()
-    parts = [full_decomposition(ft, sched, xb, steps, reward, params, a["n"]) for xb in batches]
-    calls = sum(p["calls"] for p in parts)  # (50, P)
-    full = calls.sum(0)
-    w = [len(xb) / a["n"] for xb in batches]
-    out = dict(clip=clip, seed=seed, n_params=len(full), full_norm=float(full.norm()),
-               reward_mean=float(torch.cat([p["reward"] for p in parts]).mean()),
-               per_call_norm=[float(c.norm()) for c in calls],
-               adjoint=[float(v) for v in sum(wi * p["adjoint"] for wi, p in zip(w, parts))],
-               clipped=[float(v) for v in sum(wi * p["clipped"] for wi, p in zip(w, parts))],
-               sweep_cos=[cosine(calls[-K:].sum(0), full) for K in range(1, len(steps) + 1)],
-               sweep_norm=[float(calls[-K:].sum(0).norm()) for K in range(1, len(steps) + 1)],
-               decomposition_s=time.time() - t0, methods={})
-    gen = torch.Generator().manual_seed(300 + seed)  # AlignProp's and DRTune's draws
-    torch.manual_seed(400 + seed)  # DRaFT-LV's re-noising
-    for m in [x for x in a["methods"].split(",") if x]:
-        phases = range(len(ft.groups)) if m == "shortft" else [0] if m == "shortft_naive" else [None]
-        for s in phases:
-            name = m if s is None else f"{m}_s{s}"
-            t0 = time.time()
-            g = sum(method_gradient(m, ft, naive if m == "shortft_naive" else student, sched, xb, steps, reward, params,
-                                    a["n"], phase=s or 0, generator=gen) for xb in batches)
-            out["methods"][name] = dict(cos=cosine(g, full), norm=float(g.norm()), s=time.time() - t0)
+    G_H, r_H = full_gradient(ft, sched, x_H, steps, reward, params, B)
+    out = dict(reward=spec, heldout_n=a["heldout"], batch=B, n_params=len(G_H), heldout_norm=float(G_H.norm()),
+               heldout_reward=float(r_H.mean()), heldout_s=time.time() - t0, batches=[],
+               calls={n: gradient_path_calls(n, students.get(n, (ft,))[0].groups) for n in methods})
+    print(f"[gradients] {spec}: held-out truth over {a['heldout']} noises in {out['heldout_s']:.0f} s", flush=True)
+    before = mean_reward(ft, sched, x_H, steps, reward, B) if a["etas"] else None
+    grads = {n: [] for n in methods}
+    for i in range(m):
+        x_B = x_train[i * B:(i + 1) * B]
+        torch.manual_seed(300 + 10 * a["seed"] + i)  # DRaFT-LV's re-noising
+        gen = torch.Generator().manual_seed(400 + 10 * a["seed"] + i)  # AlignProp's and DRTune's draws
+        t0 = time.time()
+        g, dec = batch_gradients(methods, ft, sched, x_B, steps, reward, params, students, gen)
+        row = dict(s=time.time() - t0, reward=float(dec["reward"].mean()), methods={},
+                   sweep_cos_heldout=[cosine(dec["calls"][-K:].sum(0), G_H) for K in range(1, len(steps) + 1)])
+        full_B = dec["calls"].sum(0)
+        for n in methods:
+            grads[n].append(g[n])
+            row["methods"][n] = step_measures(g[n], full_B, G_H)
+            for eta in a["etas"]:  # per unit step, keyed by eta
+                row["methods"][n].setdefault("real", {})[str(eta)] = realised_gain(
+                    ft, sched, x_H, steps, reward, params, g[n], eta, before, B) / eta
+        out["batches"].append(row)
+        print(f"[gradients] {spec}, batch {i}: " + ", ".join(f"{n} {v['cos_heldout']:+.2f}" for n, v in
+                                                            row["methods"].items()) + f" ({row['s']:.0f} s)", flush=True)
+    if "full" in grads:  # a larger truth for free: the held-out set and the other batches (all disjoint from batch i)
+        N = a["heldout"] + (m - 1) * B
+        out["loo_n"] = N
+        for i, row in enumerate(out["batches"]):
+            truth = (a["heldout"] * G_H + B * sum(g for j, g in enumerate(grads["full"]) if j != i)) / N
+            for n in methods:
+                row["methods"][n]["cos_loo"] = cosine(grads[n][i], truth)
+    fit = snr_fit(grads["full"] + [G_H], [B] * m + [a["heldout"]]) if "full" in grads else None
+    for n in methods:
+        out.setdefault("pooled", {})[n] = cosine(sum(grads[n]), G_H)
+        out.setdefault("signal", {})[n] = signal_cosine(grads[n], G_H, fit["mu2"]) if fit else float("nan")
+    if fit:
+        cos = growth(grads["full"], G_H)
+        out["snr"] = fit
+        out["growth"] = [dict(B=k * B, cos_heldout=v, predicted=cosine_with_truth(fit["snr"], k * B)
+                              * cosine_with_truth(fit["snr"], a["heldout"]), truth=cosine_with_truth(fit["snr"], k * B))
+                         for k, v in cos.items()]
+        out["batch_for"] = {str(c): batch_for_cosine(fit["snr"], c) for c in (0.5, 0.7, 0.9)}
     return out
 
 
-def summarise(runs):
-    """Per clip mode and method: the mean, min and max over inits of the cosine and of norm / full norm."""
-    rows = {}
-    for clip in dict.fromkeys(r["clip"] for r in runs):
-        rs = [r for r in runs if r["clip"] == clip]
-        for name in rs[0]["methods"]:
-            cos = [r["methods"][name]["cos"] for r in rs]
-            ratio = [r["methods"][name]["norm"] / r["full_norm"] for r in rs]
-            rows[(clip, name)] = dict(cos=float(np.mean(cos)), cos_min=min(cos), cos_max=max(cos),
-                                      ratio=float(np.mean(ratio)), ratio_min=min(ratio), ratio_max=max(ratio))
-        for K in (1, 2, 5, 10, 20, 35, 50):
-            cos = [r["sweep_cos"][K - 1] for r in rs]
-            ratio = [r["sweep_norm"][K - 1] / r["full_norm"] for r in rs]
-            rows[(clip, f"draft_K{K}")] = dict(cos=float(np.mean(cos)), cos_min=min(cos), cos_max=max(cos),
-                                               ratio=float(np.mean(ratio)), ratio_min=min(ratio), ratio_max=max(ratio))
-    return rows
+def finite(x):
+    """x with every non-finite float (an inf batch size, a nan estimate) as None: strict JSON."""
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [finite(v) for v in x]
+    return None if isinstance(x, float) and not np.isfinite(x) else x
 
 
-def table(rows, runs):
-    clips = list(dict.fromkeys(c for c, _ in rows))
-    names = list(dict.fromkeys(n for _, n in rows))
-    head = "| method | " + " | ".join(f"cos, {c} clip | norm / full, {c} clip" for c in clips) + " |"
-    lines = [head, "|---" * (1 + 2 * len(clips)) + "|"]
-    for n in names:
-        cells = []
-        for c in clips:
-            r = rows.get((c, n))
-            cells += ["-", "-"] if r is None else [f"{r['cos']:.3f} [{r['cos_min']:.3f}, {r['cos_max']:.3f}]",
-                                                   f"{r['ratio']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]"]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    full = {c: np.mean([r["full_norm"] for r in runs if r["clip"] == c]) for c in clips}
-    lines.append("")
-    lines.append("full DDIM-50 gradient norm (mean over inits): " + ", ".join(f"{c} {v:.3g}" for c, v in full.items()))
+def cell(values, fmt="{:+.2f}"):
+    """mean [min, max] of the finite values (a results file holds None for nan), or - if none."""
+    v = [x for x in values if x is not None and x == x]
+    return "-" if not v else f"{fmt.format(np.mean(v))} [{fmt.format(min(v))}, {fmt.format(max(v))}]"
+
+
+def table(res, a):
+    lines = []
+    for r in res:
+        B, m, scale = a["batch"], a["batches"], r["heldout_norm"]
+        lines += [f"### {r['reward']}: {m} batches of {B}, held-out truth over {a['heldout']} noises (|G_H| = "
+                  f"{scale:.3g}); mean [min, max] over batches", "",
+                  "| method | calls | held-out cos | held-out gain / \\|G_H\\| | "
+                  + "".join(f"realised / \\|G_H\\|, eta {e} | " for e in a["etas"])
+                  + f"leave-one-out cos ({r.get('loo_n', '-')} noises) | same-batch cos | pooled cos (B = {m * B}) | "
+                    "signal cos |", "|---" * (8 + len(a["etas"])) + "|"]
+        for n in r["calls"]:
+            v = lambda key: [b["methods"][n][key] for b in r["batches"]]  # noqa: E731
+            lines.append(f"| {n} | {r['calls'][n]} | {cell(v('cos_heldout'))} | {cell([x / scale for x in v('gain')])} | "
+                         + "".join(f"{cell([x[str(e)] / scale for x in v('real')])} | " for e in a["etas"])
+                         + f"{cell(v('cos_loo')) if 'loo_n' in r else '-'} | {cell(v('cos_same'))} | "
+                           f"{cell([r['pooled'][n]]).split()[0]} | {cell([r['signal'][n]]).split()[0]} |")
+        lines += ["", "DRaFT-K held-out cos by depth: " + ", ".join(
+            f"K={K} {cell([b['sweep_cos_heldout'][K - 1] for b in r['batches']])}" for K in (1, 5, 10, 20, 50)), ""]
+        if "snr" in r:
+            f = r["snr"]
+            lines += [f"Full gradient's held-out cos by batch size (signal |mu|^2 = {f['mu2']:.3g}, per-sample noise "
+                      f"{f['noise']:.3g}, snr {f['snr']:.3g} per sample):", "",
+                      "| B | held-out cos (measured) | predicted by the snr fit | cos with the truth (fit) |",
+                      "|---|---|---|---|"]
+            lines += [f"| {g['B']} | {cell(g['cos_heldout'])} | {g['predicted']:+.2f} | {g['truth']:+.2f} |"
+                      for g in r["growth"]]
+            lines += ["", "batch needed for a full gradient with cosine c with the truth: " + ", ".join(
+                f"c={c}: B ~ {v:.3g}" for c, v in r["batch_for"].items()), ""]
     return "\n".join(lines)
 
 
-def plots(runs, rows, out, suffix=""):
-    """docs-style figures of a study: grad_cosine{suffix}.png, grad_per_call{suffix}.png, grad_adjoint{suffix}.png."""
+def figure(res, path):
     plt = pyplot()
-    steps = ddpm.ddim_timesteps(1000, ddpm.N_CHAIN)
-    clips = list(dict.fromkeys(r["clip"] for r in runs))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for clip in clips:
-        sweep = np.array([r["sweep_cos"] for r in runs if r["clip"] == clip])  # (inits, 50)
+    fig, axes = plt.subplots(len(res), 2, figsize=(11, 4 * len(res)), squeeze=False)
+    for (ax, ax2), r in zip(axes, res):
+        sweep = np.array([b["sweep_cos_heldout"] for b in r["batches"]])  # (batches, 50)
         K = np.arange(1, sweep.shape[1] + 1)
-        line, = ax.plot(K, sweep.mean(0), label=f"DRaFT-K, K = 1..50 ({clip} clip)")
-        ax.fill_between(K, sweep.min(0), sweep.max(0), color=line.get_color(), alpha=0.2)
-        for (c, name), r in rows.items():
-            if c == clip and name in CALLS:
-                ax.errorbar(CALLS[name], r["cos"], yerr=[[r["cos"] - r["cos_min"]], [r["cos_max"] - r["cos"]]],
-                            fmt="o", color=line.get_color(), ms=4, capsize=2)
-                if clip == clips[0]:
-                    ax.annotate(name, (CALLS[name], r["cos"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("UNet calls on the gradient path of a sample (log)")
-    ax.set_ylabel("cosine with the full DDIM-50 gradient")
-    ax.set_title("Gradient fidelity at the LoRA's initialisation (mean, min-max over inits)", fontsize=9)
-    ax.legend(fontsize=7)
-    save_figure(fig, os.path.join(out, f"grad_cosine{suffix}.png"), dpi=110)
+        ax.plot(K, sweep.mean(0), color="0.5", label="DRaFT-K, K = 1..50 (held-out)")
+        ax.fill_between(K, sweep.min(0), sweep.max(0), color="0.5", alpha=0.15)
+        for j, n in enumerate(r["calls"]):
+            x = r["calls"][n] * (1 + 0.04 * (j - len(r["calls"]) / 2))
+            for key, mk in (("cos_heldout", "o"), ("cos_same", "x")):
+                v = [b["methods"][n][key] for b in r["batches"]]
+                ax.errorbar(x, np.mean(v), yerr=[[np.mean(v) - min(v)], [max(v) - np.mean(v)]], fmt=mk, color=f"C{j}",
+                            ms=5, capsize=2, label=n if key == "cos_heldout" else None)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("UNet calls on a sample's gradient path (log)")
+        ax.set_ylabel("cosine (o: held-out truth, x: same batch)")
+        ax.set_title(f"{r['reward']}: one batch's gradient vs the held-out full gradient", fontsize=9)
+        ax.legend(fontsize=6, ncol=2)
+        if "growth" in r:
+            Bs = [g["B"] for g in r["growth"]]
+            for g in r["growth"]:
+                ax2.plot([g["B"]] * len(g["cos_heldout"]), g["cos_heldout"], "o", color="C0", alpha=0.6)
+            grid = np.geomspace(1, max(4096, 4 * Bs[-1]), 100)
+            snr, H = r["snr"]["snr"], r["heldout_n"]
+            ax2.plot(grid, [cosine_with_truth(snr, b) * cosine_with_truth(snr, H) for b in grid], color="C0",
+                     label=f"fit: with the held-out truth ({H} noises)")
+            ax2.plot(grid, [cosine_with_truth(snr, b) for b in grid], color="C1", label="fit: with the true gradient")
+            ax2.set_xscale("log")
+            ax2.set_ylim(-1, 1)
+            ax2.axhline(0, color="k", lw=0.5)
+            ax2.set_xlabel("batch size B (noises)")
+            ax2.set_ylabel("cosine of the full gradient")
+            ax2.set_title(f"Full DDIM-50 gradient: signal-to-noise {snr:.3g} per sample", fontsize=9)
+            ax2.legend(fontsize=7)
+    save_figure(fig, path, dpi=110)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for clip in clips:
-        v = np.array([r["per_call_norm"] for r in runs if r["clip"] == clip])
-        ax.plot(steps, v.mean(0), marker=".", label=f"{clip} clip")
-    ax.set_yscale("log")
-    ax.invert_xaxis()
-    ax.set_xlabel("timestep t of the UNet call (the chain runs right to left: 981 first)")
-    ax.set_ylabel("|g_t|: the norm of that call's parameter gradient")
-    ax.legend(fontsize=7)
-    save_figure(fig, os.path.join(out, f"grad_per_call{suffix}.png"), dpi=110)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax2 = ax.twinx()
-    for clip in clips:
-        rs = [r for r in runs if r["clip"] == clip]
-        v = np.array([r["adjoint"] for r in rs])
-        line, = ax.plot(steps + [0], v.mean(0), marker=".", label=f"|dr/dx_t|, {clip} clip")
-        if clip != "none":
-            ax2.plot(steps, np.array([r["clipped"] for r in rs]).mean(0), ls="--", color=line.get_color(), alpha=0.6)
-    ax.set_yscale("log")
-    ax.invert_xaxis()
-    ax.set_xlabel("timestep t (x_0 at 0)")
-    ax.set_ylabel("adjoint |dr/dx_t| per sample")
-    ax2.set_ylabel("dashed: fraction of x0_hat's pixels clipped")
-    ax2.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="upper left")
-    save_figure(fig, os.path.join(out, f"grad_adjoint{suffix}.png"), dpi=110)
+def check(a):
+    for key in ("batch", "batches", "heldout", "lora_rank"):
+        if a[key] < 1:
+            raise UserError(f"--{key} must be positive, got {a[key]}")
+    if a["batches"] < 2:
+        raise UserError("--batches must be at least 2: the noise estimate compares independent batches")
+    try:
+        a["etas"] = [float(e) for e in a["eta"].split(",") if e]
+    except ValueError:
+        raise UserError(f"--eta expects a comma list of numbers, got {a['eta']!r}") from None
+    if any(not 0 < e < float("inf") for e in a["etas"]):
+        raise UserError(f"--eta: every step size must be positive and finite, got {a['eta']!r}")
+    for m in [x for x in a["methods"].split(",") if x]:
+        if m not in METHODS:
+            raise UserError(f"unknown method {m!r}: one of {', '.join(METHODS)}")
+    specs = [s for s in a["rewards"].split(",") if s]
+    if not specs:
+        raise UserError("--rewards is empty: e.g. --rewards=classifier:ship,brightness")
+    for s in specs:
+        try:
+            rewards.parse_reward_spec(s)
+        except ValueError as e:
+            raise UserError(f"--rewards: {e}") from None
+    if a["heldout"] < MIN_HELDOUT:
+        print(f"[gradients] warning: --heldout={a['heldout']} < {MIN_HELDOUT}: the held-out truth is itself noisy, "
+              f"a quick look only", file=sys.stderr)
+    return specs
 
 
 def main(argv):
     a = dict(DEFAULTS, **config.parse_overrides(argv, DEFAULTS, description=__doc__))
-    clips = [c for c in a["clips"].split(",") if c]
-    for c in clips:
-        if c not in CLIPS:
-            raise UserError(f"unknown clip mode {c!r}: one of {', '.join(CLIPS)}")
-    for m in [x for x in a["methods"].split(",") if x]:
-        if m not in METHODS:
-            raise UserError(f"unknown method {m!r}: one of {', '.join(METHODS)}")
-    if a["n"] < 1 or a["batch"] < 1 or a["inits"] < 1:
-        raise UserError("--n, --batch and --inits must be at least 1")
+    specs = check(a)
     if a["threads"] > 0:
         torch.set_num_threads(a["threads"])
+    device = pick_device(a["device"])
+    folder = models_dir(a, specs)
     os.makedirs(a["out"], exist_ok=True)
-    runs, t0 = [], time.time()
-    if a["from_results"]:  # the table and plots of runs measured before (each file's runs, in order)
-        folder, clips = "", []
-        for path in a["from_results"].split(","):
-            try:
-                with open(path) as f:
-                    runs += json.load(f)["runs"]
-            except (OSError, ValueError, KeyError) as e:
-                raise UserError(f"--from_results: cannot read runs from {path!r} ({type(e).__name__})") from None
-        if not runs:
-            raise UserError("--from_results: the files hold no runs")
-    else:
-        device = pick_device(a["device"])
-        folder = models_dir(a)
-    for clip in clips:
-        for seed in range(a["inits"]):
-            runs.append(study(a, folder, device, clip, seed))
-            r = runs[-1]
-            write_text(os.path.join(a["out"], "results.json"),  # after every run: a killed study keeps them
-                       json.dumps(dict(args=a, models=folder, wall_s=time.time() - t0, runs=runs, partial=True)))
-            print(f"[gradients] clip {clip}, init {seed}: full norm {r['full_norm']:.3g}, "
-                  + ", ".join(f"{n} {m['cos']:.3f}" for n, m in r["methods"].items())
-                  + f" ({time.time() - t0:.0f} s)", flush=True)
-    rows = summarise(runs)
-    text = table(rows, runs)
-    write_text(os.path.join(a["out"], "results.json"), json.dumps(dict(args=a, models=folder, wall_s=time.time() - t0, runs=runs)))
+    t0 = time.time()
+    rows = rows_of(a, folder, device)
+    res = []
+    for spec in specs:
+        res.append(study(a, folder, device, spec, rows))
+        write_text(os.path.join(a["out"], "results.json"), json.dumps(finite(dict(
+            args=a, models=folder, wall_s=time.time() - t0, threads=torch.get_num_threads(), results=res,
+            partial=len(res) < len(specs)))))
+    text = table(res, a)
     write_text(os.path.join(a["out"], "table.md"), text + "\n")
-    plots(runs, rows, a["out"])
+    figure(res, os.path.join(a["out"], "grad_snr.png"))
     if a["docs"]:
         os.makedirs(a["docs"], exist_ok=True)
-        for name in ("grad_cosine.png", "grad_per_call.png", "grad_adjoint.png"):
-            shutil.copyfile(os.path.join(a["out"], name), os.path.join(a["docs"], name))
+        shutil.copyfile(os.path.join(a["out"], "grad_snr.png"), os.path.join(a["docs"], "grad_snr.png"))
     print(text)
-    print(f"[gradients] {len(runs)} runs in {(time.time() - t0) / 60:.1f} min; {a['out']}/results.json")
+    print(f"[gradients] {len(res)} rewards in {(time.time() - t0) / 60:.1f} min; {a['out']}/results.json")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark: does the distilled shortcut stay on the teacher's DDIM-50 trajectory, and how fast is
 distillation? Run it on the checkpoints of `python train_toy.py` (the ddpm and shortcut stages):
 
-    python benchmarks/bench_shortcut.py --out_dir=out [--n=256] [--seed=0] [--device=auto]
+    python benchmarks/bench_shortcut.py --out_dir=out [--n=256] [--seed=0] [--device=auto] [--rewards=brightness]
 
 For the same x_T (n samples from a fixed seed, x_T taken as x at t = 981, as in the chain) the teacher
 runs DDIM-50 and its trajectory point x_t is kept at every timestep. Then, for each span a -> b:
@@ -14,7 +14,17 @@ runs DDIM-50 and its trajectory point x_t is kept at every timestep. Then, for e
 - accumulated error: the chained shortcut sampler from x_T (k + 1 calls), and the naive chain (the
   teacher's DDIM over the same timesteps), compared with the teacher's DDIM-50 point at every edge.
 
-MSE is per pixel, images in [-1, 1]. Last, the img/s of one distillation step (consistency.cd_loss,
+MSE is per pixel, images in [-1, 1]. Then, per reward of --rewards, whether the short chain's gradient points
+where the real chain's does (same x_T; the ShortFT chain at P-Training phase 0 with the untuned base; mean and
+bootstrap 95 % interval over the samples of a per-sample cosine):
+- x0 reward-gradient cosine: cos(dr/dx_0 at the short chain's x_0, dr/dx_0 at the DDIM-50 x_0), for the distilled
+  shortcut and the naive jump; the perfect shortcut (the base's real steps as the jump) has the DDIM-50 x_0
+  itself, so its cosine is 1 by construction. For a reward linear in x_0 (brightness) dr/dx_0 is the same
+  everywhere: 1 for any chain, so only the next measure says anything there.
+- x_741 adjoint cosine: cos(dr/dx_741 through the short chain, dr/dx_741 through DDIM-50's last 37 steps), x_741
+  the state where the jumps start (segment 1 is real in both): the backward path, the Jacobians of the jumps
+  against those of the real steps (perfect: 1 by construction, the same steps).
+Last, the img/s of one distillation step (consistency.cd_loss,
 backward, Adam, EMA) at the checkpoint's batch size, timed on random images (speed does not depend on
 the pixels). The last line is the same numbers as JSON.
 """
@@ -33,10 +43,14 @@ import ddpm
 from consistency import TeacherChains, cd_loss, edge_of, jump, shortcut_sample
 from ddpm import N_CHAIN
 from sftlib import config
-from sftlib.common import ema_update, pick_device, run_main
-from sftlib.models import load_ddpm, load_shortcut
+from rewards import parse_reward_spec
+from sftlib.common import UserError, ema_update, pick_device, run_main
+from sftlib.metrics import mean_ci
+from sftlib.models import load_ddpm, load_reward, load_shortcut
+from shortft import base_step, next_t, real_segment, segment_groups
 
-BENCH_DEFAULTS = dict(out_dir="out", n=256, seed=0, device="auto", speed_steps=10)
+BENCH_DEFAULTS = dict(out_dir="out", n=256, seed=0, device="auto", speed_steps=10, rewards="classifier:ship,brightness",
+                      grad_batch=16)
 
 
 def mse(a, b):
@@ -69,6 +83,41 @@ def trajectory_errors(teacher, student, sched, x_T, edges):
     return rows, chained
 
 
+def reward_gradient_cosines(teacher, student, sched, x_T, edges, reward, batch=16):
+    """Per-sample cosines of the reward's gradient, short chain against DDIM-50 from the same x_T (module
+    docstring): {"x0": {"student": [...], "naive": [...]}, "x741": {...}}, each a list of n cosines."""
+    groups = segment_groups(ddpm.ddim_timesteps(sched.T, N_CHAIN), edges)
+    rest = [t for g in groups[1:] for t in g]  # the real chain's timesteps after x_741: 741, ..., 1
+
+    def real(x):
+        for i, t in enumerate(rest):
+            x = base_step(teacher, sched, x, t, rest[i + 1] if i + 1 < len(rest) else -1)
+        return x
+
+    def short(jumper):
+        def chain(x):
+            for j in range(1, len(groups)):
+                g = groups[j]
+                x = base_step(teacher, sched, jump(jumper, sched, x, g[0], g[-1]), g[-1], next_t(groups, j, len(g) - 1))
+            return x
+        return chain
+
+    out = {"x0": {"student": [], "naive": []}, "x741": {"student": [], "naive": []}}
+    for i in range(0, len(x_T), batch):  # a graph through 37 steps: a few samples at a time
+        with torch.no_grad():
+            x_start = real_segment(teacher, sched, x_T[i:i + batch], groups, 0, grad_last=False)  # x_741
+        grads = {}
+        for name, chain in (("real", real), ("student", short(student)), ("naive", short(teacher))):
+            x = x_start.clone().requires_grad_(True)
+            x0 = chain(x)
+            grads[name] = torch.autograd.grad(reward(x0).sum(), [x0, x])  # per sample: r_b depends on x0_b only
+        for name in ("student", "naive"):
+            for j, key in enumerate(("x0", "x741")):
+                cos = torch.nn.functional.cosine_similarity(grads[name][j].flatten(1), grads["real"][j].flatten(1), dim=1)
+                out[key][name] += cos.tolist()
+    return out
+
+
 def shortcut_speed(teacher, student, sched, edges, cfg, device, steps):
     """img/s of one distillation step, as train_shortcut.train runs it (fp32, no compile)."""
     student = copy.deepcopy(student).train().requires_grad_(True)
@@ -96,6 +145,14 @@ def shortcut_speed(teacher, student, sched, edges, cfg, device, steps):
 def main(args):
     opts = dict(BENCH_DEFAULTS)
     opts.update(config.parse_overrides(args, BENCH_DEFAULTS))
+    specs = [x for x in opts["rewards"].split(",") if x]
+    for spec in specs:
+        try:
+            parse_reward_spec(spec)
+        except ValueError as e:
+            raise UserError(f"--rewards: {e}") from None
+    if opts["n"] < 1 or opts["grad_batch"] < 1:
+        raise UserError("--n and --grad_batch must be positive")
     device = pick_device(opts["device"])
     teacher, _, _ = load_ddpm(os.path.join(opts["out_dir"], "ddpm", "ckpt.pt"), device)
     # the student's schedule: x0-clipping on or off as during its distillation (ddpm.py, --clip_x0)
@@ -117,10 +174,21 @@ def main(args):
     print(f"{'at t':>5s} {'student':>10s} {'naive':>10s} {'ratio':>7s}")
     for c in chained:
         print(f"{c['at']:5d} {c['student']:10.2e} {c['naive']:10.2e} {c['student'] / max(c['naive'], 1e-20):7.3f}")
+    grad_rows = []
+    print("\nreward-gradient cosine, short chain vs DDIM-50 from the same x_T: mean [bootstrap 95 %] over samples")
+    print(f"{'reward':18s} {'at':5s} {'distilled shortcut':>24s} {'naive jump':>24s}  perfect")
+    for spec in specs:
+        cos = reward_gradient_cosines(teacher, student, sched, x_T, edges, load_reward(spec, opts["out_dir"], device),
+                                      opts["grad_batch"])
+        row = dict(reward=spec, **{k: {n: mean_ci(v) for n, v in d.items()} for k, d in cos.items()})
+        grad_rows.append(row)
+        for key in ("x0", "x741"):
+            cells = [f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, (lo, hi) in (row[key]["student"], row[key]["naive"])]
+            print(f"{spec:18s} {key:5s} {cells[0]:>24s} {cells[1]:>24s}  1 (by construction)")
     ips = shortcut_speed(teacher, student, sched, edges, cfg, device, opts["speed_steps"])
     print(f"\ndistillation step: {ips:.1f} img/s (batch {cfg['shortcut_batch']}, {cfg['cd_loss']} loss, "
           f"{cfg['teacher_solver']} teacher, {device}, {torch.get_num_threads()} CPU threads)")
-    print(json.dumps(dict(edges=edges, jumps=rows, chained=chained, shortcut_img_per_s=ips)))
+    print(json.dumps(dict(edges=edges, jumps=rows, chained=chained, reward_gradients=grad_rows, shortcut_img_per_s=ips)))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # bench_gradients, bench_compare: the figures they draw
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # compare_report: the figures it draws
 
 import ddpm
 from consistency import jump
@@ -191,16 +191,91 @@ def grad_steps_figure(a, folder, device, path):
     print(f"[figures] {path}")
 
 
+# The same-batch gradient study's figures (bench_gradients.py before its held-out rebuild), redrawn from its results
+# UNet calls on the gradient path of one sample (LoRA calls, plus frozen shortcut calls for ShortFT)
+GRAD_CALLS = {"draft": 1, "draft_lv": 1, "alignprop": 25, "drtune": 5, "shortft_s0": 7, "shortft_s1": 5, "shortft_s2": 3,
+         "shortft_s3": 1, "shortft_naive_s0": 7}
+
+
+def grad_summarise(runs):
+    """Per clip mode and method: the mean, min and max over inits of the cosine and of norm / full norm."""
+    rows = {}
+    for clip in dict.fromkeys(r["clip"] for r in runs):
+        rs = [r for r in runs if r["clip"] == clip]
+        for name in rs[0]["methods"]:
+            cos = [r["methods"][name]["cos"] for r in rs]
+            ratio = [r["methods"][name]["norm"] / r["full_norm"] for r in rs]
+            rows[(clip, name)] = dict(cos=float(np.mean(cos)), cos_min=min(cos), cos_max=max(cos),
+                                      ratio=float(np.mean(ratio)), ratio_min=min(ratio), ratio_max=max(ratio))
+        for K in (1, 2, 5, 10, 20, 35, 50):
+            cos = [r["sweep_cos"][K - 1] for r in rs]
+            ratio = [r["sweep_norm"][K - 1] / r["full_norm"] for r in rs]
+            rows[(clip, f"draft_K{K}")] = dict(cos=float(np.mean(cos)), cos_min=min(cos), cos_max=max(cos),
+                                               ratio=float(np.mean(ratio)), ratio_min=min(ratio), ratio_max=max(ratio))
+    return rows
+
+
+def grad_plots(runs, rows, out, suffix=""):
+    """docs-style figures of a study: grad_cosine{suffix}.png, grad_per_call{suffix}.png, grad_adjoint{suffix}.png."""
+    plt = pyplot()
+    steps = ddpm.ddim_timesteps(1000, ddpm.N_CHAIN)
+    clips = list(dict.fromkeys(r["clip"] for r in runs))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for clip in clips:
+        sweep = np.array([r["sweep_cos"] for r in runs if r["clip"] == clip])  # (inits, 50)
+        K = np.arange(1, sweep.shape[1] + 1)
+        line, = ax.plot(K, sweep.mean(0), label=f"DRaFT-K, K = 1..50 ({clip} clip)")
+        ax.fill_between(K, sweep.min(0), sweep.max(0), color=line.get_color(), alpha=0.2)
+        for (c, name), r in rows.items():
+            if c == clip and name in GRAD_CALLS:
+                ax.errorbar(GRAD_CALLS[name], r["cos"], yerr=[[r["cos"] - r["cos_min"]], [r["cos_max"] - r["cos"]]],
+                            fmt="o", color=line.get_color(), ms=4, capsize=2)
+                if clip == clips[0]:
+                    ax.annotate(name, (GRAD_CALLS[name], r["cos"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("UNet calls on the gradient path of a sample (log)")
+    ax.set_ylabel("cosine with the full DDIM-50 gradient")
+    ax.set_title("Gradient fidelity at the LoRA's initialisation (mean, min-max over inits)", fontsize=9)
+    ax.legend(fontsize=7)
+    save_figure(fig, os.path.join(out, f"grad_cosine{suffix}.png"), dpi=110)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for clip in clips:
+        v = np.array([r["per_call_norm"] for r in runs if r["clip"] == clip])
+        ax.plot(steps, v.mean(0), marker=".", label=f"{clip} clip")
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("timestep t of the UNet call (the chain runs right to left: 981 first)")
+    ax.set_ylabel("|g_t|: the norm of that call's parameter gradient")
+    ax.legend(fontsize=7)
+    save_figure(fig, os.path.join(out, f"grad_per_call{suffix}.png"), dpi=110)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax2 = ax.twinx()
+    for clip in clips:
+        rs = [r for r in runs if r["clip"] == clip]
+        v = np.array([r["adjoint"] for r in rs])
+        line, = ax.plot(steps + [0], v.mean(0), marker=".", label=f"|dr/dx_t|, {clip} clip")
+        if clip != "none":
+            ax2.plot(steps, np.array([r["clipped"] for r in rs]).mean(0), ls="--", color=line.get_color(), alpha=0.6)
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("timestep t (x_0 at 0)")
+    ax.set_ylabel("adjoint |dr/dx_t| per sample")
+    ax2.set_ylabel("dashed: fraction of x0_hat's pixels clipped")
+    ax2.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="upper left")
+    save_figure(fig, os.path.join(out, f"grad_adjoint{suffix}.png"), dpi=110)
+
+
 def from_results(docs):
     """The figures redrawn from the measured results in benchmarks/results/."""
-    import bench_gradients
-
     def read(name):
         with open(os.path.join(RESULTS, name)) as f:
             return json.load(f)
     for name, suffix in (("gradients_h100_classroom.json", "_classroom"), ("gradients_cpu_epsskip.json", "")):
         runs = read(name)["runs"]
-        bench_gradients.plots(runs, bench_gradients.summarise(runs), docs, suffix)
+        grad_plots(runs, grad_summarise(runs), docs, suffix)
         print(f"[figures] {docs}/grad_{{cosine,per_call,adjoint}}{suffix}.png from benchmarks/results/{name}")
 
 
@@ -231,9 +306,9 @@ def main(argv):
     if "grad" in only:
         from_results(a["docs"])
     if "compare" in only or "ptrain" in only:
-        import bench_compare
-        for fig, name, draw, out in (("compare", "compare_cpu.json", bench_compare.pareto, "compare_pareto_cpu.png"),
-                                     ("ptrain", "ptrain_cpu.json", bench_compare.curves, "ptrain_curves_cpu.png")):
+        import compare_report  # the figures of the comparison's earlier protocol (one tuned lr per method)
+        for fig, name, draw, out in (("compare", "compare_cpu.json", compare_report.pareto, "compare_pareto_cpu.png"),
+                                     ("ptrain", "ptrain_cpu.json", compare_report.curves, "ptrain_curves_cpu.png")):
             if fig in only:
                 with open(os.path.join(RESULTS, name)) as f:
                     res = json.load(f)

@@ -16,6 +16,7 @@ import os
 import resource
 import sys
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,10 +25,12 @@ sys.path.insert(0, ROOT)  # run as `python benchmarks/ft_probe.py` from anywhere
 import train_shortft  # noqa: E402
 from shortft import merge_for_sampling, shortft_chain  # noqa: E402
 from sftlib import config  # noqa: E402
-from sftlib.common import UserError, pick_device, run_main, seed_all, write_text  # noqa: E402
+from sftlib.common import UserError, atomic_path, pick_device, run_main, seed_all, write_text  # noqa: E402
+from sftlib.fid import to_uint8  # noqa: E402
 from sftlib.stage import lock_folder  # noqa: E402
 from sftlib.metrics import ddim50, evaluate_model  # noqa: E402
-from sftlib.models import build_finetuned, load_reward, load_shortcut  # noqa: E402
+from baselines import SHORT_CHAIN  # noqa: E402
+from sftlib.models import build_finetuned, load_naive_shortcut, load_reward, load_shortcut  # noqa: E402
 
 PROBE_DEFAULTS = dict(
     ft_seconds=0.0,  # > 0: a budget of training seconds instead of ft_steps (equal compute across methods)
@@ -42,9 +45,10 @@ def chain_gap(cfg, ft, student, sched, x_T, x0_real, phase):
     """What P-Training exists to shrink: the mean squared distance between the training chain's x_0
     (ShortFT's short chain at `phase`, the fine-tuned base inside it) and the fine-tuned base model's
     real DDIM-50 x_0 from the same noise x_T. NaN for the long-chain baselines (their chain is the real one)."""
-    if cfg["method"] not in ("shortft", "shortft_naive"):
+    if cfg["method"] not in SHORT_CHAIN:
         return float("nan")
-    return float((shortft_chain(ft, student, sched, x_T, ft.groups, phase) - x0_real).pow(2).mean())
+    x0 = shortft_chain(ft, student, sched, x_T, ft.groups, phase, perfect=cfg["method"] == "shortft_perfect")
+    return float((x0 - x0_real).pow(2).mean())
 
 
 def step_memory(run_args, shortcut_dir, out_dir, device):
@@ -55,6 +59,8 @@ def step_memory(run_args, shortcut_dir, out_dir, device):
     (ru_maxrss never goes down)."""
     cfg = config.resolve([f"--out_dir={out_dir}", "--preset=cpu", *run_args], torch.cuda.is_available())
     student, _, _, edges = load_shortcut(os.path.join(shortcut_dir, "ckpt.pt"), device)
+    if cfg["method"] in ("shortft_naive", "shortft_perfect"):  # the controls: the frozen base makes the jump
+        student = load_naive_shortcut(os.path.join(out_dir, "ddpm", "ckpt.pt"), device)
     reward = load_reward(cfg["reward"], out_dir, device)
     ft, sched = build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
     ft.unet.eval()
@@ -71,6 +77,38 @@ def step_memory(run_args, shortcut_dir, out_dir, device):
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return (peak - base) / 2**20
+
+
+def step_ms(run_args, shortcut_dir, out_dir, device, n=4):
+    """The median time (ms) of one training step of the run `run_args` (train_toy.py flags): the chain, the
+    reward, backward and the Adam step, timed n times after one warm-up step. On a CPU the process's own CPU
+    time (time.process_time: with one thread, the compute the step took, whatever else shares the cores), on
+    a GPU the wall time after a synchronize. The comparison's budgets in optimizer steps come from it
+    (bench_compare.calibrate), so that a run's share of a busy machine does not decide how far it trains."""
+    import time
+
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+
+    cfg = config.resolve([f"--out_dir={out_dir}", "--preset=cpu", *run_args], torch.cuda.is_available())
+    student, _, _, edges = load_shortcut(os.path.join(shortcut_dir, "ckpt.pt"), device)
+    if cfg["method"] in ("shortft_naive", "shortft_perfect"):
+        student = load_naive_shortcut(os.path.join(out_dir, "ddpm", "ckpt.pt"), device)
+    reward = load_reward(cfg["reward"], out_dir, device)
+    ft, sched = build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
+    ft.unet.eval()
+    params = [p for p in ft.unet.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg["ft_lr"])
+    times = []
+    for i in range(n + 1):
+        t0 = clock()
+        x_T = torch.randn(cfg["ft_batch"], 3, 32, 32, device=device)
+        opt.zero_grad(set_to_none=True)
+        (-reward(train_shortft.training_chain(cfg, ft, student, sched, x_T, 0)).mean()).backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((clock() - t0) * 1000)
+    return sorted(times[1:])[n // 2]
 
 
 @torch.no_grad()  # a measurement of the forward chain only
@@ -95,12 +133,16 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS (Linux: KiB)
 
 
+# the held-out scores each point of eval.csv keeps (NaN when a run folder lacks the judge stage)
+POINT_KEYS = dict(reward="reward_mean", target_rate="evaluator_target_rate", fd="fd", diversity="diversity",
+                  fd_matched="fd_matched", fd_target="fd_target", diversity_target="diversity_target",
+                  judge_target_rate="judge_target_rate", judge_fd="judge_fd", judge_diversity="judge_diversity",
+                  judge_fd_target="judge_fd_target", chain_gap="chain_gap")
+
+
 def point(step, train_s, m):
     """One row of eval.csv: where the run is, and the held-out scores of its DDIM-50 samples there."""
-    return dict(step=step, train_s=train_s, reward=m.get("reward_mean", float("nan")),
-                target_rate=m.get("evaluator_target_rate", float("nan")), fd=m["fd"], diversity=m.get("diversity", float("nan")),
-                fd_matched=m.get("fd_matched", float("nan")), fd_target=m.get("fd_target", float("nan")),
-                diversity_target=m.get("diversity_target", float("nan")), chain_gap=m.get("chain_gap", float("nan")))
+    return dict(step=step, train_s=train_s, **{k: float(m.get(src, float("nan"))) for k, src in POINT_KEYS.items()})
 
 
 class Probe:
@@ -124,8 +166,9 @@ class Probe:
         """The base model's held-out scores (the LoRA starts at zero, so ft is the base), cached beside the
         base checkpoint while its inputs stay the same; plus the chain gap at the start."""
         cfg = self.cfg
-        stamp = [cfg["reward"], cfg["n_eval"], os.path.getmtime(base_path),
-                 os.path.getmtime(os.path.join(cfg["out_dir"], "evaluator", "ckpt.pt"))]
+        judges = [os.path.join(cfg["out_dir"], k, "ckpt.pt") for k in ("evaluator", "judge")]
+        stamp = [cfg["reward"], cfg["n_eval"], os.path.getmtime(base_path)] + [os.path.getmtime(p) for p in judges
+                                                                                if os.path.isfile(p)]
         if cfg["fid_n"] > 0:  # scores with Inception FID: a cache of their own
             stamp += [cfg["fid_n"], cfg["fid_ref_n"]]
         cache = os.path.join(os.path.dirname(base_path), "before_" + hashlib.sha1(str(stamp).encode()).hexdigest()[:10] + ".json")
@@ -162,6 +205,9 @@ class Probe:
         after["chain_gap"] = chain_gap(self.cfg, ft, student, sched, x_eval[:N_GAP], x_after[:N_GAP], phase)
         train_s = sum(h["ms"] for h in history) / 1000
         curve = [point(0, 0.0, before)] + self.curve + [point(len(history), train_s, after)]
+        with atomic_path(os.path.join(out, "samples_after.npz")) as tmp:  # the scored samples, for grids and Inception
+            with open(tmp, "wb") as f:
+                np.savez(f, x=to_uint8(x_after))
         write_text(os.path.join(out, "eval.csv"), ",".join(curve[0]) + "\n" + "".join(
             ",".join(f"{v:.5g}" for v in c.values()) + "\n" for c in curve))
         return dict(curve=curve, peak_memory_mib=peak_memory_mib(self.device))

@@ -373,7 +373,8 @@ def export_classroom(opts, d):
     (the EMA weights for the UNets) in .safetensors with the run's config, kind and facts as metadata."""
     from sftlib.common import export_safetensors, load_checkpoint
 
-    for stage, weights in (("ddpm", "ema"), ("shortcut", "ema"), ("classifier", "model"), ("evaluator", "model")):
+    for stage, weights in (("ddpm", "ema"), ("shortcut", "ema"), ("classifier", "model"), ("evaluator", "model"),
+                           ("judge", "model")):
         path = os.path.join(d, stage, "ckpt.pt")
         if not os.path.isfile(path):
             continue

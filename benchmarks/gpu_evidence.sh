@@ -2,10 +2,10 @@
 # The evidence on the classroom checkpoints (checkpoints/), on one GPU:
 #   grad     the gradient study (benchmarks/bench_gradients.py: 64 samples, 3 LoRA inits, 3 clip modes):
 #            about 45 s per run alone on an H100, 9 runs, so about 7 minutes (measured: README);
-#   compare  the equal-compute comparison (benchmarks/bench_compare.py), one run at a time. Not sized
-#            for one device session: at the CPU preset's batch of 8 every method is bound by kernel
-#            launches on a GPU (0.7-1.4 s per step on an H100 for this 3.65M UNet), and each run pays
-#            about 14 s of start-up and evaluation besides its training seconds.
+#   compare  the equal-compute comparison along frontiers (benchmarks/bench_compare.py) in its larger regime
+#            (batch 32, 60 s of each arm's step time, every arm, 4 lrs, 3 seeds, both rewards), one run at
+#            a time. Not sized for one device session: each run pays start-up and evaluation besides its
+#            training; the runs it finishes are reported (--report_only).
 #
 #     bash benchmarks/gpu_evidence.sh OUT [REAL_STATS.npz] [SECTIONS]     # SECTIONS: grad (default), compare, grad,compare
 #     EVIDENCE_DRY=1 bash benchmarks/gpu_evidence.sh /tmp/ev "" grad,compare   # a CPU smoke run of the same steps, tiny sizes
@@ -33,11 +33,13 @@ if [ -n "$stats" ]; then cp "$stats" "$models/evaluator/real_stats.npz" || exit 
   $py -c "import torch; print('torch', torch.__version__)"; } > "$out/device.txt" 2>&1
 
 grad=(--models="$models" --device=cuda --out="$out/gradients")
-compare=(--out_dir="$models" --device=cuda --jobs=1 --seconds=20 --n_eval=512 --eval_every_s=5)
+# the comparison's larger regime (bigger batch, more steps, every arm; the CPU run is its small version)
+compare=(--out_dir="$models" --device=cuda --jobs=1 --seconds=60 --ft_batch=32 --n_eval=512 --eval_every_s=15
+         --methods=shortft,shortft_naive,shortft_perfect,draft,draft_lv,alignprop,drtune --lrs=5e-4,1e-3,2e-3,4e-3)
 if [ -n "${EVIDENCE_DRY:-}" ]; then
     grad=(--models="$models" --device=cpu --out="$out/gradients" --n=4 --batch=4 --inits=1 --clips=hard)
     compare=(--out_dir="$models" --device=cpu --seconds=2 --n_eval=8 --eval_every_s=1 --seeds=0,1 --lrs=3e-4,1e-3
-             --methods=shortft,draft)
+             --methods=shortft,draft --rewards=classifier:ship --ablations= --inception=false)
 fi
 if [[ ",$sections," == *,grad,* ]]; then
     timeout "$limit" $py benchmarks/bench_gradients.py "${grad[@]}" > "$out/gradients.log" 2>&1

@@ -67,7 +67,13 @@ def main(quick=False):
     for K in (1, 10):
         print(f"    DRaFT-{K} keeps the last {K} call(s): cosine with the full gradient "
               f"{gradstudy.cosine(g[-K:].sum(0), full):.2f}, norm {float(g[-K:].sum(0).norm() / full.norm()):.3f} of it")
-    print("  -> truncation (Sec. 1) drops the calls at the top of the chain, which carry much of the gradient.")
+    at761 = g[top - 1]  # the call at 761: the last of segment 1, the one call there ShortFT's chain trains
+    print(f"    the call at 761 alone: cosine {gradstudy.cosine(at761, full):.2f} with the full gradient, norm "
+          f"{float(at761.norm() / full.norm()):.3f} of it")
+    print("  -> measured on these noises: segment 1's calls set the full gradient's direction, DRaFT-K's last calls")
+    print("     carry a small part of it; the call at 761 points the same way at a fraction of the size. One batch")
+    print("     of noises, at the LoRA's initialisation: whether truncating loses in training is the comparison's")
+    print("     question (README, benchmarks/bench_compare.py), not this print's.")
 
     section("PAPER.md Sec. 2, the idea: a trajectory-preserving shortcut S(x_t, t -> s) replaces a dozen steps",
             "consistency.jump (the shortcut), train_shortcut.py (its distillation), benchmarks/bench_shortcut.py")
@@ -101,6 +107,11 @@ def main(quick=False):
     with torch.no_grad():
         real_x0 = lab.sample(tft, L, x_T[:b])
         short_x0 = torch.cat([shortft.shortft_chain(tft, L.shortcut, L.sched, x_T[i:i + 1], L.groups, 0) for i in range(b)])
+    g_short = gradstudy.method_gradient("shortft", ft, L.shortcut, L.sched, x_T[:b // 2 or 1], L.steps, L.reward, params)
+    print(f"  its gradient (one LoRA, phase 0, the noises of Sec. 1): cosine {gradstudy.cosine(g_short, full):.2f} with the "
+          f"full gradient, norm {float(g_short.norm() / full.norm()):.3f} of it")
+    print("  -> measured: the short chain's gradient reaches the LoRA through the call at 761 and the 3 edge calls;")
+    print("     how much of the full gradient's direction it keeps is the number above, for these noises only.")
     print(f"  x_0 of the short chain vs the real chain, untuned base: mean squared distance "
           f"{float((short_x0 - real_x0).pow(2).mean()):.5f} (images in [-1, 1])")
     save(torch.cat([real_x0, short_x0]), "3_real_vs_short_x0.png", nrow=b)

@@ -153,6 +153,7 @@ def write_text(path, text):
 # what each kind of checkpoint must hold to be loaded as a model (resuming checks more: stage.py)
 CKPT_KEYS = {"ddpm": ("config", "ema", "model"), "shortcut": ("config", "ema", "model", "edges"),
              "classifier": ("config", "model", "arch"), "evaluator": ("config", "model", "arch"),
+             "judge": ("config", "model", "arch"),
              "shortft": ("config", "unet", "base", "base_sha256", "edges")}
 
 

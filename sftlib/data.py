@@ -18,8 +18,15 @@ from sftlib.common import UserError, atomic_path
 
 
 
-def _from_folder(split_dir, n):
-    """Decode an ImageFolder split; with n > 0, the first n // 10 images of every class."""
+def _part(m, n, half):
+    """Positions kept of a class's m images (in file order): the first or second half (half = 0 or 1;
+    None: all), then the first n // 10 of those (n > 0)."""
+    start, stop = (0, m) if half is None else (0, m // 2) if half == 0 else (m // 2, m)
+    return range(start, min(stop, start + n // 10) if n > 0 else stop)
+
+
+def _from_folder(split_dir, n, half=None):
+    """Decode an ImageFolder split; with n > 0, the first n // 10 images of every class (of its half)."""
     from PIL import Image
 
     classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
@@ -29,7 +36,7 @@ def _from_folder(split_dir, n):
     images, labels = [], []
     for y, c in enumerate(classes):
         files = sorted(os.listdir(os.path.join(split_dir, c)))
-        files = files[: n // len(classes)] if n > 0 else files
+        files = [files[i] for i in _part(len(files), n, half)]
         for f in files:
             try:
                 with Image.open(os.path.join(split_dir, c, f)) as im:
@@ -43,7 +50,7 @@ def _from_folder(split_dir, n):
     return np.stack(images), np.array(labels)
 
 
-def _from_torchvision(root, train, n):
+def _from_torchvision(root, train, n, half=None):
     import torchvision
 
     try:
@@ -52,29 +59,33 @@ def _from_torchvision(root, train, n):
         raise UserError(f"could not download CIFAR-10 into {root!r} ({type(e).__name__}); offline? pass "
                         f"--data_root=PATH (or set SHORTFT_CIFAR=PATH) to a local copy with train/<class>/*.jpg") from None
     x, y = ds.data, np.array(ds.targets)  # (N, 32, 32, 3) uint8, (N,)
-    if n > 0:  # the first n // 10 of each class, as for a folder
-        keep = np.concatenate([np.flatnonzero(y == c)[: n // 10] for c in range(10)])
+    if n > 0 or half is not None:  # the first n // 10 of each class (of its half), as for a folder
+        idx = [np.flatnonzero(y == c) for c in range(10)]
+        keep = np.concatenate([i[list(_part(len(i), n, half))] for i in idx])
         x, y = x[keep], y[keep]
     return x, y
 
 
-def load_cifar10(root, split="train", n=0, cache_dir=None):
-    """Returns (x, y): uint8 (N, 3, 32, 32) images and int64 (N,) labels, on the CPU."""
-    if split not in ("train", "test"):
-        raise ValueError(split)
+def load_cifar10(root, split="train", n=0, cache_dir=None, half=None):
+    """Returns (x, y): uint8 (N, 3, 32, 32) images and int64 (N,) labels, on the CPU. half = 0 or 1: only
+    the first or the second half of every class (in file order; the judge trains on the second), of
+    which n > 0 keeps the first n // 10 per class."""
+    if split not in ("train", "test") or half not in (None, 0, 1):
+        raise ValueError((split, half))
     cache = None
     if cache_dir:
-        tag = hashlib.sha1(f"{os.path.abspath(root)}|{split}|{n}".encode()).hexdigest()[:10]
-        cache = os.path.join(cache_dir, f"cifar10_{split}_{n}_{tag}.npz")
+        part = "" if half is None else f"_half{half}"  # the whole split keeps its old cache name
+        tag = hashlib.sha1(f"{os.path.abspath(root)}|{split}|{n}{part}".encode()).hexdigest()[:10]
+        cache = os.path.join(cache_dir, f"cifar10_{split}_{n}{part}_{tag}.npz")
         if os.path.isfile(cache):
             with np.load(cache) as f:
                 return torch.from_numpy(f["x"]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(f["y"]).long()
     split_dir = os.path.join(root, split)
     if os.path.isdir(split_dir):
-        x, y = _from_folder(split_dir, n)
+        x, y = _from_folder(split_dir, n, half)
     elif not os.path.isdir(root) and os.path.isdir(os.path.dirname(os.path.abspath(root))) or \
             os.path.isdir(root) and (not os.listdir(root) or os.path.isdir(os.path.join(root, "cifar-10-batches-py"))):
-        x, y = _from_torchvision(root, split == "train", n)  # a new or empty folder, or an earlier download
+        x, y = _from_torchvision(root, split == "train", n, half)  # a new or empty folder, or an earlier download
     else:
         raise UserError(f"no CIFAR-10 at --data_root={root!r}: expected {split_dir}/<class>/*.jpg, or a new or "
                         f"empty folder to download it into (leave --data_root unset to download into ./data)")

@@ -13,11 +13,24 @@ parameter gradient contributed by call i, so the full gradient is sum_i g_i. DRa
 chain before its last K calls; inside them its forward values and adjoints are the full chain's, so
 its gradient is exactly sum_{i >= 50-K} g_i: one decomposition gives the whole depth sweep K = 1..50
 (tests/test_gradstudy.py checks both identities against autograd through shortft.py's chains).
+
+Signal and noise. One batch's gradient is a noisy estimate of the gradient that matters, that of the mean
+reward over the noise distribution: at batch 8 two batches' full gradients can point apart (cosine < 0).
+So a method is judged against a HELD-OUT truth, the full DDIM-50 gradient G_H of the mean reward over
+noises no method trains on (full_gradient): its held-out cosine cos(g, G_H) and the held-out first-order
+gain G_H . g/|g| of a unit step along it (the directional derivative of the held-out mean reward;
+realised_gain takes the finite step). The same-batch cosine (with the full gradient of the method's own
+batch) is kept as a column: it says how faithful a method is to backprop on its batch, not whether the
+step helps elsewhere. Under g_i = mu + noise, independent batches' full gradients give |mu|^2 and the
+per-sample noise (snr_fit), hence the cosine any batch size B can reach with the truth (cosine_with_truth).
 """
+import contextlib
+import math
+
 import torch
 
 import ddpm
-from baselines import method_chain
+from baselines import SHORT_CHAIN, method_chain
 from shortft import set_phase
 
 
@@ -64,7 +77,7 @@ def method_gradient(method, ft, student, sched, x_T, timesteps, reward, params, 
     """The gradient of sum_b r(x_0^b) / n_total w.r.t. params through `method`'s training chain (as
     train_shortft.py runs it: baselines.method_chain; shortft at P-Training phase `phase`), as one vector."""
     n_total = n_total or len(x_T)
-    shortft = method in ("shortft", "shortft_naive")
+    shortft = method in SHORT_CHAIN
     if shortft:
         set_phase(ft, phase)
     x0 = method_chain(method, ft, student, sched, x_T, ft.groups, timesteps, phase, draft_k, lv_n, window, drtune_k,
@@ -79,3 +92,127 @@ def method_gradient(method, ft, student, sched, x_T, timesteps, reward, params, 
 
 def cosine(a, b):
     return float(torch.dot(a, b) / (a.norm() * b.norm()).clamp(min=1e-30))
+
+
+def full_gradient(model, sched, x_T, timesteps, reward, params, batch=8):
+    """The full DDIM-50 gradient of the MEAN reward over all len(x_T) noises, computed `batch` noises at a
+    time (full_decomposition, summed over calls and batches). On a held-out set it is the study's truth G_H.
+    Returns (gradient (P,), rewards (N,))."""
+    g, rs = 0, []
+    for i in range(0, len(x_T), batch):
+        d = full_decomposition(model, sched, x_T[i:i + batch], timesteps, reward, params, len(x_T))
+        g, rs = g + d["calls"].sum(0), rs + [d["reward"]]
+    return g, torch.cat(rs)
+
+
+def batch_gradients(methods, ft, sched, x_T, timesteps, reward, params, students=None, generator=None, draft_k=1, **kw):
+    """{method: its gradient (P,) of the mean reward over the batch x_T}, and the batch's full decomposition.
+    "full" and "draft" (DRaFT-K, K = draft_k) come from one full_decomposition (DRaFT-K is exactly its last K
+    calls); every other method is autograd through baselines.method_chain (method_gradient). students: name ->
+    (eps-predictor, student, method) for the short-chain rows (e.g. "shortft_naive": (ft, frozen base,
+    "shortft_naive"); a row named otherwise, e.g. a k = 8 shortcut's, names its method); kw: method_gradient's
+    options (phase, lv_n, window, drtune_k)."""
+    dec = full_decomposition(ft, sched, x_T, timesteps, reward, params)
+    out = {}
+    for m in methods:
+        if m == "full":
+            out[m] = dec["calls"].sum(0)
+        elif m == "draft":
+            out[m] = dec["calls"][-draft_k:].sum(0)
+        else:
+            model, student, kind = (students or {}).get(m, (ft, None, m))
+            out[m] = method_gradient(kind, model, student, sched, x_T, timesteps, reward, params, generator=generator,
+                                     draft_k=draft_k, **kw)
+    return out, dec
+
+
+def step_measures(g, same_batch_full, heldout):
+    """How one method's gradient g on a training batch does: cos_same, its cosine with the full gradient of the
+    same batch (faithfulness to backprop there); cos_heldout, its cosine with the held-out full gradient G_H
+    (the headline); gain, the held-out first-order gain of a unit step d = g / |g|: G_H . d, the directional
+    derivative of the held-out mean reward (reward per unit parameter norm); norm, |g|."""
+    d = g / g.norm().clamp(min=1e-30)
+    return dict(cos_same=cosine(g, same_batch_full), cos_heldout=cosine(g, heldout), gain=float(torch.dot(heldout, d)),
+                norm=float(g.norm()))
+
+
+@torch.no_grad()  # sampling only
+def mean_reward(model, sched, x_T, timesteps, reward, batch=64):
+    """The mean reward of DDIM samples (over `timesteps`) from the noises x_T, `batch` at a time."""
+    return float(torch.cat([reward(ddpm.ddim_sample(model, sched, x_T[i:i + batch], timesteps))
+                            for i in range(0, len(x_T), batch)]).mean())
+
+
+@contextlib.contextmanager
+def moved(params, delta):
+    """Inside the block, params += delta (one flat vector over params, in their order); restored exactly after."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        off = 0
+        for p in params:
+            p.add_(delta[off:off + p.numel()].view_as(p).to(p))
+            off += p.numel()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
+def realised_gain(model, sched, x_T, timesteps, reward, params, direction, eta, before=None, batch=64):
+    """The held-out gain of a finite step: the mean reward of DDIM samples from x_T after params move by
+    eta * direction / |direction|, minus before (the mean reward at the current params; computed if None)."""
+    if before is None:
+        before = mean_reward(model, sched, x_T, timesteps, reward, batch)
+    with moved(params, eta * direction / direction.norm().clamp(min=1e-30)):
+        return mean_reward(model, sched, x_T, timesteps, reward, batch) - before
+
+
+def snr_fit(grads, sizes):
+    """Signal and noise of independent unbiased estimates g_i = mu + noise_i of one mean gradient, g_i a mean
+    over sizes[i] samples (noise covariance Sigma / sizes[i]): mu2 = the mean of g_i . g_j over pairs i < j (an
+    unbiased |mu|^2, as their noises are independent), noise = the mean of sizes[i] (|g_i|^2 - mu2) (trace Sigma,
+    the per-sample noise), snr = mu2 / noise (per sample; <= 0 where the noise swamps the estimate)."""
+    if len(grads) < 2:
+        raise ValueError("snr_fit needs at least two independent gradients")
+    G = torch.stack(list(grads)).double()  # (m, P)
+    dots = G @ G.T  # (m, m)
+    m = len(grads)
+    mu2 = float((dots.sum() - dots.diagonal().sum()) / (m * (m - 1)))
+    noise = sum(n * (float(dots[i, i]) - mu2) for i, n in enumerate(sizes)) / m
+    return dict(mu2=mu2, noise=noise, snr=mu2 / noise if noise > 0 else math.inf)
+
+
+def cosine_with_truth(snr, B):
+    """The cosine of a B-sample full gradient with the true mean gradient mu when per-sample snr = |mu|^2 / tr
+    Sigma (high dimension: |g|^2 ~ |mu|^2 + tr Sigma / B): sqrt(B snr / (1 + B snr)); B = inf: 1. It counts all
+    the noise as if orthogonal to mu; noise along mu (per-sample gradients of one direction, unequal lengths)
+    does not turn g, so where there is much of it the true cosine is higher (a pessimistic estimate)."""
+    if snr <= 0:
+        return 0.0
+    return 1.0 if math.isinf(B) or math.isinf(snr) else math.sqrt(B * snr / (1 + B * snr))
+
+
+def batch_for_cosine(snr, c):
+    """The batch size whose full gradient has cosine c with the truth (the inverse of cosine_with_truth)."""
+    return math.inf if snr <= 0 else c * c / ((1 - c * c) * snr)
+
+
+def signal_cosine(grads, heldout, mu2):
+    """A debiased estimate of cos(E g, mu) for a method's independent batch gradients g_i: the mean of g_i . G_H
+    (G_H the held-out gradient, independent of every g_i: an unbiased E g . mu) over sqrt(|E g|^2 mu2), |E g|^2
+    from the pairs g_i . g_j (i < j) and mu2 from snr_fit of the full gradients. nan where an estimate is <= 0."""
+    G = torch.stack(list(grads)).double()
+    m, dots = len(G), G @ G.T
+    own = float((dots.sum() - dots.diagonal().sum()) / (m * (m - 1)))
+    cross = float((G @ heldout.double()).mean())
+    return cross / math.sqrt(own * mu2) if own > 0 and mu2 > 0 else math.nan
+
+
+def growth(batch_grads, heldout):
+    """How the held-out cosine of the full gradient grows with the batch: {k: [cos(sum of k disjoint batch
+    gradients, G_H), ...]} for k = 1, 2, 4, ... and k = len(batch_grads), over consecutive groups of k batches."""
+    m = len(batch_grads)
+    ks = sorted({2 ** i for i in range(m.bit_length()) if 2 ** i <= m} | {m})
+    return {k: [cosine(sum(batch_grads[i:i + k]), heldout) for i in range(0, m - k + 1, k)] for k in ks}

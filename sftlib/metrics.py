@@ -19,6 +19,8 @@ Every number here comes from models that fine-tuning never saw as a reward:
   It is cheap, so every evaluation during training reports it.
 
 The evaluator's real test features are computed once and cached in <out_dir>/evaluator/real_stats.npz.
+When <out_dir>/judge/ckpt.pt exists, the judge's scores (sftlib/judge.py: a third network, outside the
+reward's family, never a reward or tuned on) join them as judge_* keys; older run folders lack them.
 """
 import json
 import os
@@ -29,30 +31,18 @@ import torch
 
 import ddpm
 from rewards import class_index, parse_reward_spec
-from sftlib import config
+from sftlib import config, judge
 from sftlib.common import UserError, atomic_path, load_checkpoint, pick_device, to_uint8
 from sftlib.models import load_reward
 from sftlib.data import CLASSES, load_cifar10
 from sftlib.fid import frechet_distance, gaussian_stats  # the Fréchet distance of any features (FID's formula)
-from sftlib.nets import load_classifier
+from sftlib.nets import load_classifier, net_outputs  # net_outputs: features and log p of any of the three nets
 
 FD_NAME = "evaluator-feature Fréchet distance (not comparable to published FID)"
 N_FLOOR = 10000  # real training images in the floor (the test split has 10k too)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FID_STATS = os.path.join(ROOT, "checkpoints", "fid_cifar10_test.npz")  # the test split's Inception statistics
 S_PER_IMAGE = {"cpu": 0.5, "cuda": 0.001}  # the Inception network's cost, roughly (2 CPU cores; one H200)
-
-
-@torch.no_grad()  # evaluation only: no graph to keep
-def net_outputs(net, images_uint8, device, batch_size=500):
-    """uint8 images (N, 3, 32, 32) -> penultimate features (N, D) and log-probabilities (N, 10)."""
-    feats, logp = [], []
-    for i in range(0, len(images_uint8), batch_size):
-        x = images_uint8[i:i + batch_size].to(device).float() / 127.5 - 1  # (b, 3, 32, 32) in [-1, 1]
-        f = net.features(x)  # (b, D)
-        feats.append(f.float().cpu())
-        logp.append(torch.log_softmax(net.head(f).float(), 1).cpu())  # (b, 10)
-    return torch.cat(feats).numpy(), torch.cat(logp).numpy()
 
 
 def _evaluator(out_dir, device):
@@ -226,6 +216,8 @@ def evaluate_samples(images, out_dir, device, target=None, reward=None, fid=Fals
             _, logp_r = net_outputs(load_classifier(clf_path, device, "classifier"), x, device)
             m["classifier_target_rate"] = float((logp_r.argmax(1) == target).mean())
             m["classifier_mean_reward"] = float(logp_r[:, target].mean())  # the reward classifier:<target>
+    if judge.has_judge(out_dir):  # the third network's view: judge_* keys (sftlib/judge.py)
+        m.update(judge.judge_scores(images, out_dir, device, target))
     if reward:
         r = load_reward(reward, out_dir, device)
         with torch.no_grad():  # scoring only
@@ -338,6 +330,14 @@ def format_table(m):
         if "classifier_target_rate" in m:
             lines.append(f"  reward classifier:  target rate {m['classifier_target_rate']:6.1%}   "
                          f"mean reward        {m['classifier_mean_reward']:8.3f}")
+    if "judge_fd" in m:  # sftlib/judge.py
+        lines += [f"judge (a third network, never a reward): Fréchet distance to test {m['judge_fd']:.4g} "
+                  f"(floor {m['judge_fd_floor']:.4g}), diversity {m['judge_diversity']:.3f}"]
+        if "judge_target_rate" in m:
+            lines.append(f"  judge: target rate {m['judge_target_rate']:6.1%}" + (
+                f"   within the class: Fréchet distance {m['judge_fd_target']:.4g} (floor "
+                f"{m['judge_fd_target_floor']:.4g}), diversity {m['judge_diversity_target']:.3f}"
+                if "judge_fd_target" in m else ""))
     if "reward" in m:
         lines.append(f"mean reward {m['reward']}: {m['reward_mean']:.4f}")
     lines.append(f"held-out evaluator's class histogram (entropy {m['evaluator_class_entropy']:.3f}, "

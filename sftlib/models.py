@@ -5,6 +5,7 @@ import os
 import ddpm
 import rewards
 import tlora
+from baselines import SHORT_CHAIN
 from sftlib.common import UserError, file_sha256, load_checkpoint
 from sftlib.nets import load_classifier
 from shortft import FineTuned, merge_for_sampling, segment_groups
@@ -58,7 +59,7 @@ def build_finetuned(cfg, base_path, shortcut_edges, device):
     """The base UNet (EMA weights) with LoRA (or fully trainable), wrapped as a FineTuned eps-predictor."""
     unet, sched, _ = load_ddpm(base_path, device)
     groups = segment_groups(ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN), list(shortcut_edges))
-    use_tlora = cfg["tlora"] and not cfg["full_ft"] and cfg["method"] in ("shortft", "shortft_naive")  # the baselines train one plain LoRA
+    use_tlora = cfg["tlora"] and not cfg["full_ft"] and cfg["method"] in SHORT_CHAIN  # the baselines train one plain LoRA
     if cfg["full_ft"]:
         unet.requires_grad_(True)
     else:

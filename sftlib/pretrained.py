@@ -1,10 +1,10 @@
-"""The classroom checkpoints: a base DDPM, its shortcut and both classifiers, trained on a GPU by the
-project's own commands and shipped in checkpoints/ as .safetensors (fp16 weights, the run's config and
-facts in the metadata; checkpoints/README.md holds their cards). `python train_toy.py --pretrained`
-installs them as the complete ddpm, shortcut, classifier and evaluator stages of --out_dir, so the
-pipeline goes straight to the ShortFT stage: minutes on a laptop CPU instead of half an hour, on a base
-model trained far longer than the CPU preset can. `python train_toy.py --preset=quick` is that run with
-a smaller evaluation (config.PRESETS["quick"]). The config the run prints and stores holds the shipped
+"""The classroom checkpoints: a base DDPM, its shortcut and the three classifiers, trained by the project's
+own commands (on a GPU; the judge on a CPU) and shipped in checkpoints/ as .safetensors (fp16 weights, the
+run's config and facts in the metadata; checkpoints/README.md holds their cards). `python train_toy.py
+--pretrained` installs them as the complete ddpm, shortcut, classifier, evaluator and judge stages of
+--out_dir, so the pipeline goes straight to the ShortFT stage: minutes on a laptop CPU instead of half an
+hour, on a base model trained far longer than the CPU preset can. `python train_toy.py --preset=quick` is
+that run with a smaller evaluation (config.PRESETS["quick"]). The config the run prints and stores holds the shipped
 models' own shape, step and training keys (install), never the CPU preset's values for stages it did not
 train. `python train_toy.py sample --ckpt=checkpoints/ddpm.safetensors` draws from a shipped model
 directly (load_unet)."""
@@ -15,19 +15,20 @@ from sftlib.common import UserError, atomic_path, file_sha256, read_safetensors,
 from sftlib.stage import LEGACY
 
 FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
-STAGES = ("ddpm", "shortcut", "classifier", "evaluator")  # <stage>.safetensors, each a checkpoint kind
+STAGES = ("ddpm", "shortcut", "classifier", "evaluator", "judge")  # <stage>.safetensors, each a checkpoint kind
 # what the pipeline must agree on with the shipped models, each from the model that owns it: their
 # shapes and their (completed) step counts
 SHIPPED_KEYS = {"ddpm": ("T", "beta_1", "beta_T", "clip_x0", "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout",
                          "eps_skip", "ddpm_steps"),
                 "shortcut": ("k_segments", "shortcut_steps"),
                 "classifier": ("classifier_width", "classifier_steps"),
-                "evaluator": ("evaluator_width", "evaluator_steps")}
+                "evaluator": ("evaluator_width", "evaluator_steps"), "judge": ("judge_width", "judge_steps")}
 # how each shipped model was trained (its stage's keys, by prefix): the run takes these from the model too,
 # so its printed and stored config never shows the CPU preset's values for stages it did not train
 TRAINING_KEYS = {"ddpm": ("ddpm_", "sample_every", "grid_ddpm"),
                  "shortcut": ("shortcut_", "cd_", "teacher_", "grid_shortcut"),
-                 "classifier": ("cls_",), "evaluator": ()}  # cls_* trained both nets, in one run
+                 "classifier": ("cls_",), "evaluator": (), "judge": ()}  # cls_*: the classifier's and evaluator's run
+# (the judge was trained later with the CPU preset's cls_*, which its own config records: checkpoints/README.md)
 # the current run's own: where it reads and writes (never the folders of the run that trained them)
 RUN_KEYS = ("out_dir", "data_root", "device", "resume", "stages", "preset", "seed", "n_train", "n_test")
 
@@ -111,7 +112,7 @@ def training_keys(stage, shipped_cfg, cfg):
     return {k: shipped_cfg[k] if k in shipped_cfg else LEGACY[k] for k in keys if k in shipped_cfg or k in LEGACY}
 
 
-SHIPPED_NOTE = ("ddpm, shortcut, classifier, evaluator: shipped (checkpoints/README.md); their shape, step and "
+SHIPPED_NOTE = ("ddpm, shortcut, classifier, evaluator, judge: shipped (checkpoints/README.md); their shape, step and "
                 "training keys above are the shipped models' own")
 
 

@@ -30,7 +30,7 @@ from sftlib.common import (CKPT_KEYS, UserError, load_checkpoint, open_log, pick
 # What --resume means: the run goes on with the config stored in its checkpoint. A key typed on the
 # command line that differs from it is an error, except these, which may change on resume: the
 # budgets, the learning rates (to go on after a NaN with a lower one) and the run's plumbing.
-RESUME_MAY_CHANGE = ("ddpm_steps", "shortcut_steps", "classifier_steps", "evaluator_steps", "ft_steps",
+RESUME_MAY_CHANGE = ("ddpm_steps", "shortcut_steps", "classifier_steps", "evaluator_steps", "judge_steps", "ft_steps",
                      "ddpm_lr", "shortcut_lr", "cls_lr", "ft_lr", "log_every", "sample_every", "ddpm_ckpt_every",
                      "shortcut_ckpt_every", "cls_ckpt_every", "ft_ckpt_every", "bf16", "compile",
                      "resume", "device", "stages", "preset", "out_dir", "data_root", "grid_ddpm", "grid_shortcut",
@@ -45,6 +45,7 @@ RESUME_FROM_COMMAND = ("out_dir", "data_root", "device", "resume", "stages")
 RESUME_KEYS = {"ddpm": ("opt", "step", "rng", "elapsed"), "shortcut": ("opt", "step", "rng", "elapsed", "target"),
                "classifier": ("opt", "step", "rng", "elapsed", "test_acc"),
                "evaluator": ("opt", "step", "rng", "elapsed", "test_acc"),
+               "judge": ("opt", "step", "rng", "elapsed", "test_acc"),
                "shortft": ("opt", "step", "rng", "done", "train_s", "before", "history")}
 _LOCKS = {}  # (device, inode) of a lock file -> this process's open lock file (held until the process ends)
 
@@ -241,7 +242,7 @@ EXPORTED = ("ddpm", "shortcut")  # the stages whose model.safetensors, written l
 def upstream(out_dir, name, needed_by):
     """<out_dir>/<name>/ckpt.pt of an earlier stage that `needed_by` builds on, or a one-line error: missing
     (run it first) or, for the stages in EXPORTED, unfinished (complete it first: never build on a stopped run)."""
-    path, stage = os.path.join(out_dir, name, "ckpt.pt"), "classifier" if name == "evaluator" else name
+    path, stage = os.path.join(out_dir, name, "ckpt.pt"), "classifier" if name in ("evaluator", "judge") else name
     if not os.path.isfile(path):
         raise UserError(f"{needed_by} needs {path}: run the {stage} stage first "
                         f"(python train_toy.py --stages={stage} --out_dir={out_dir})")

@@ -14,7 +14,8 @@ from sftlib.data import load_cifar10
 from sftlib.metrics import frechet_distance, gaussian_stats, net_outputs
 
 TINY_CLS = ["--stages=classifier", "--n_train=1000", "--n_test=500", "--classifier_width=8",
-            "--evaluator_width=8", "--classifier_steps=30", "--evaluator_steps=30", "--cls_batch=64",
+            "--evaluator_width=8", "--judge_width=4", "--classifier_steps=30", "--evaluator_steps=30",
+            "--judge_steps=30", "--cls_batch=64",
             "--log_every=10", "--preset=cpu", "--device=cpu"]
 
 
@@ -53,23 +54,26 @@ def test_fd_matches_scipy_on_random_gaussians():
 
 @pytest.fixture(scope="module")
 def tiny_cls(tmp_path_factory, cifar_root):
-    """The classifier stage, tiny: width-8 nets, 30 steps each on 1000 real training images, tested on
-    500 real test images. Returns its out_dir."""
+    """The classifier stage, tiny: width-8 nets (the judge width 4), 30 steps each on 1000 real training
+    images, tested on 500 real test images. Returns its out_dir."""
     out = tmp_path_factory.mktemp("tiny_cls")
     p = run_cli(f"--out_dir={out}", f"--data_root={cifar_root}", *TINY_CLS, timeout=300)
     assert "real floor" in p.stdout
     return str(out)
 
 
-def test_stage_writes_both_checkpoints_and_skips_when_complete(tiny_cls, cifar_root):
+def test_stage_writes_the_three_checkpoints_and_skips_when_complete(tiny_cls, cifar_root):
     c = load_checkpoint(os.path.join(tiny_cls, "classifier", "ckpt.pt"), "classifier")
     e = load_checkpoint(os.path.join(tiny_cls, "evaluator", "ckpt.pt"), "evaluator")
+    j = load_checkpoint(os.path.join(tiny_cls, "judge", "ckpt.pt"), "judge")
     assert c["arch"] == {"name": "resnet9", "width": 8} and e["arch"] == {"name": "vgg", "width": 8}
-    for ck in (c, e):
+    assert j["arch"] == {"name": "allconv", "width": 4}
+    for ck in (c, e, j):
         assert ck["step"] == 30 and 0.0 <= ck["test_acc"] <= 1.0 and {"model", "opt", "rng", "config"} <= set(ck)
-    assert os.path.isfile(os.path.join(tiny_cls, "evaluator", "real_stats.npz"))
+    for kind in ("evaluator", "judge"):
+        assert os.path.isfile(os.path.join(tiny_cls, kind, "real_stats.npz"))
     p = run_cli(f"--out_dir={tiny_cls}", f"--data_root={cifar_root}", *TINY_CLS, timeout=300)
-    assert p.stdout.count("skipping") == 2
+    assert p.stdout.count("skipping") == 3
 
 
 def test_unfinished_checkpoint_needs_resume(tiny_cls, cifar_root, tmp_path):

@@ -27,7 +27,7 @@ def test_shipped_checkpoints_load_and_fit_the_budget():
         assert not unknown, f"{stage}.safetensors names config keys the code does not know: {unknown}"
         assert meta["step"] == meta["config"][{"ddpm": "ddpm_steps", "shortcut": "shortcut_steps",
                                                "classifier": "classifier_steps",
-                                               "evaluator": "evaluator_steps"}[stage]]
+                                               "evaluator": "evaluator_steps", "judge": "judge_steps"}[stage]]
 
 
 def test_pretrained_runs_shortft_and_samples(tmp_path, cifar_root):

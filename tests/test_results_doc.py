@@ -107,3 +107,27 @@ def test_check_names_a_drifted_doc(tmp_path):
     doc.write_text(open(DOC, encoding="utf-8").read().replace("| shortft |", "| shortft  |", 1), encoding="utf-8")
     p = run("--check", f"--out={doc}")
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and str(doc) in p.stderr
+
+
+def test_frontier_cell_recomputed_from_the_runs():
+    """The comparison's matched-cost cell for ShortFT, recomputed from the results file's runs (each run's curve
+    in judge features, relative to its own first point) with frontier.frontier_at: the mean over seeds is the
+    number the document shows."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import frontier
+
+    d = result("compare_frontier_ship_cpu.json")
+    level = d["cost_levels"][0]
+    base = d["runs"][0]["curve"][0]["judge_fd"]
+    per_seed = {}
+    for r in d["runs"]:
+        if r["name"] == "shortft":
+            p0 = r["curve"][0]
+            per_seed.setdefault(r["seed"], []).append(
+                [(p["judge_fd"] - p0["judge_fd"], p["judge_target_rate"] - p0["judge_target_rate"]) for p in r["curve"]])
+    vals = [frontier.frontier_at(c, level * base)[0] for c in per_seed.values()]
+    assert len(vals) >= 3
+    doc = open(DOC, encoding="utf-8").read()
+    text = section(doc, "compare_frontier_ship_cpu.json")
+    col = f"judge FD rise {level:g}x base ({level * base:.2f})"
+    assert cell(text, col, "shortft", "| arm").startswith(f"{sum(vals) / len(vals):+.3f} ["), cell(text, col, "shortft", "| arm")

@@ -25,7 +25,7 @@ GPU = "python benchmarks/gpu.py --data_root=PATH/cifar10 --out=/tmp/gpuout"
 FRONT = ("the comparison's CPU base, trained from scratch for it: `python train_toy.py --stages=ddpm,shortcut,classifier` "
          "(ε skip, 1700 DDPM steps, 300 shortcut steps with the slow target; the reward classifier and the evaluator by the "
          "same command in a second folder), with the shipped judge (`checkpoints/judge.safetensors`)")
-NEW = "this commit"  # the commit that adds a file, until the next one names it
+NEW = "e44e1ba"  # the commit that added the comparison's frontier files
 CMPF = ("python benchmarks/bench_compare.py --out_dir=DIR --rewards={} --methods={} --ablations= --lrs={} --inception=false"
         "{} (then its results.json and results.md copied here, re-rendered by today's benchmarks/frontier_report.py)")
 REGISTRY = {  # file -> (commit that added it: git log --diff-filter=A; base model; command, None: the file has it)

@@ -29,7 +29,7 @@ import torch
 from rewards import class_index
 from sftlib.common import UserError, atomic_path, load_checkpoint
 from sftlib.data import CLASSES, load_cifar10
-from sftlib.fid import frechet_distance, gaussian_stats
+from sftlib.fid import fid_from_features as _fd, frechet_distance, gaussian_stats
 from sftlib.nets import load_classifier, net_outputs
 
 N_FLOOR = 10000  # real training images behind the floors (the test split has 10k too)
@@ -76,10 +76,6 @@ def real_stats(out_dir, device):
     with atomic_path(path) as tmp:
         np.savez(tmp, **stats)
     return stats
-
-
-def _fd(f1, f2):
-    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
 
 
 def _spread(f):

@@ -35,7 +35,7 @@ from sftlib import config, judge
 from sftlib.common import UserError, atomic_path, load_checkpoint, pick_device, to_uint8
 from sftlib.models import load_reward
 from sftlib.data import CLASSES, load_cifar10
-from sftlib.fid import frechet_distance, gaussian_stats  # the Fréchet distance of any features (FID's formula)
+from sftlib.fid import fid_from_features as _fd, frechet_distance, gaussian_stats  # the Fréchet distance of any features (FID's formula)
 from sftlib.nets import load_classifier, net_outputs  # net_outputs: features and log p of any of the three nets
 
 FD_NAME = "evaluator-feature Fréchet distance (not comparable to published FID)"
@@ -110,10 +110,6 @@ def _resample_to_mix(labels, counts, rng):
     idx = [rng.choice(np.flatnonzero(labels == c), n, replace=True) for c, n in enumerate(counts)
            if n > 0 and (labels == c).any()]  # a class the real set lacks (a --n_test subset) is left out
     return np.concatenate(idx) if idx else np.zeros(0, dtype=int)
-
-
-def _fd(f1, f2):
-    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
 
 
 def _spread(f):

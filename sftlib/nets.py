@@ -68,7 +68,21 @@ class ResNet9(nn.Module):
         return self.head(self.features(x))  # (B, 10)
 
 
-class VGG(nn.Module):
+class PooledNet(nn.Module):
+    """What the evaluator and the judge share: Normalize, a conv `body`, global average pooling to the
+    (B, 8w) features, a linear `fc` head. Subclasses build self.norm, self.body and self.fc."""
+
+    def features(self, x):
+        return self.body(self.norm(x)).mean(dim=(2, 3))  # (B, 8w), the penultimate layer
+
+    def head(self, f):
+        return self.fc(f)  # (B, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x))  # (B, 10)
+
+
+class VGG(PooledNet):
     """The held-out evaluator: a plain VGG-style stack (Simonyan & Zisserman 2015) of 3x3 convs, no
     skip connections, global *average* pooling; its pooled (B, 8w) vector is the feature space of the
     Fréchet distance in sftlib/metrics.py."""
@@ -84,15 +98,6 @@ class VGG(nn.Module):
             conv_bn(4 * w, 8 * w),  # (B, 8w, 4, 4)
         )
         self.fc = nn.Linear(8 * w, n_classes)
-
-    def features(self, x):
-        return self.body(self.norm(x)).mean(dim=(2, 3))  # (B, 8w), the penultimate layer
-
-    def head(self, f):
-        return self.fc(f)  # (B, 10)
-
-    def forward(self, x):
-        return self.head(self.features(x))  # (B, 10)
 
 
 class WSConv2d(nn.Conv2d):
@@ -115,7 +120,7 @@ def conv_gn(c_in, c_out, k=3, stride=1):
                          nn.GroupNorm(max(1, c_out // 16), c_out), nn.ReLU())
 
 
-class AllConv(nn.Module):
+class AllConv(PooledNet):
     """The judge: an all-convolutional net (Springenberg et al. 2015, "Striving for Simplicity": strided
     convolutions instead of pooling) with Weight Standardization and GroupNorm, a 5x5 stem and global
     average pooling. It never serves as a reward or for tuning; its pooled (B, 8w) vector is the feature
@@ -132,15 +137,6 @@ class AllConv(nn.Module):
             conv_gn(4 * w, 8 * w, stride=2),  # (B, 8w, 4, 4)
         )
         self.fc = nn.Linear(8 * w, n_classes)
-
-    def features(self, x):
-        return self.body(self.norm(x)).mean(dim=(2, 3))  # (B, 8w), the penultimate layer
-
-    def head(self, f):
-        return self.fc(f)  # (B, 10)
-
-    def forward(self, x):
-        return self.head(self.features(x))  # (B, 10)
 
 
 ARCHS = {"resnet9": ResNet9, "vgg": VGG, "allconv": AllConv}

@@ -27,7 +27,7 @@ def _step(model, sched, x, timesteps, i, grad=True, ckpt=False, sg_input=False):
     """Step i of a long chain; grad=False runs the UNet without a graph, ckpt recomputes it in backward,
     sg_input feeds the UNet sg(x_t) while the DDIM update itself keeps x_t (DRTune)."""
     t, s = timesteps[i], (timesteps[i + 1] if i + 1 < len(timesteps) else -1)
-    t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
+    t_vec = ddpm.t_batch(t, x)  # (B,)
     x_in = x.detach() if sg_input else x  # DRTune: no path through the UNet's input, so no product of its Jacobians
     if not grad:
         with torch.no_grad():  # a step the method gives no gradient: same value, no graph kept

@@ -30,6 +30,7 @@ the same thing at toy scale from our own DDPM teacher:
 
 The training loop is the `shortcut` stage, train_shortcut.py; this module holds the concept only.
 """
+import functools
 import math
 
 import torch
@@ -55,14 +56,26 @@ def edge_of(t, edges):
     t: int or (B,) long tensor; returns the same kind."""
     if not torch.is_tensor(t):
         return max([e for e in edges if e < t], default=-1)
-    e = torch.tensor(sorted(edges), device=t.device)  # (k,) ascending
+    e = on_device(tuple(sorted(edges)), t.device)  # (k,) ascending
     i = torch.searchsorted(e, t)  # (B,) how many edges lie strictly below t
     return torch.where(i > 0, e[(i - 1).clamp(min=0)], torch.full_like(t, -1))  # (B,)
 
 
 def _vec(t, x):
     """An int or (B,) tensor of timesteps as a (B,) long tensor on x's device."""
-    return torch.as_tensor(t, dtype=torch.long, device=x.device).expand(x.shape[0])  # (B,)
+    return t.expand(x.shape[0]) if torch.is_tensor(t) else ddpm.t_batch(t, x)  # (B,)
+
+
+@functools.lru_cache(maxsize=None)
+def on_device(values, device):
+    """A tuple of ints as a long tensor on `device`, built once: a tensor made from Python data in every step
+    is a host-to-device copy that makes a GPU wait."""
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def chain_grid(T, device):
+    """The DDIM-50 grid of timesteps and x_0 below it, (51,) on the device: 981, 961, ..., 1, -1 for T = 1000."""
+    return on_device(tuple(ddpm.ddim_timesteps(T, N_CHAIN)) + (-1,), torch.device(device))
 
 
 def jump(student, sched, x_t, t, s):
@@ -98,7 +111,7 @@ class TeacherChains:
     teacher step of the CD loss: they cost no extra network call."""
 
     def __init__(self, teacher, sched, m, device):
-        self.grid = torch.tensor(ddpm.ddim_timesteps(sched.T, N_CHAIN) + [-1], device=device)  # (51,)
+        self.grid = chain_grid(sched.T, device)  # (51,)
         self.n = torch.arange(m, device=device) * N_CHAIN // m  # (m,) grid positions, evenly staggered
         self.x = torch.randn(m, 3, 32, 32, device=device)  # (m, 3, 32, 32) x_T, taken as x at grid[0]
         with torch.no_grad():  # the teacher only walks its chains: no gradients
@@ -130,7 +143,7 @@ def cd_loss(student, target, teacher, sched, x0, edges, loss="l2", solver="ddim"
     e = edge_of(t_{n+1}), x_{t_n} = one teacher ODE step from x_{t_{n+1}} ~ q(x_t | x_0), n uniform.
     With chains (TeacherChains), their m states are appended to the batch of real ones.
     d: mean squared error (l2) or pseudo-Huber (Song & Dhariwal 2023, improved consistency training)."""
-    grid = torch.tensor(ddpm.ddim_timesteps(sched.T, N_CHAIN) + [-1], device=x0.device)  # (51,) 981..1, -1
+    grid = chain_grid(sched.T, x0.device)  # (51,) 981..1, -1
     n = torch.randint(0, N_CHAIN, (x0.shape[0],), device=x0.device)  # (B,) uniform over the grid
     x_next = ddpm.q_sample(sched, x0, grid[n], torch.randn_like(x0))  # (B, C, H, W) x_{t_{n+1}}
     if chains is not None:

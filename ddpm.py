@@ -36,8 +36,10 @@ class Schedule:
         self.alpha_bar = alpha_bar.float().to(device)
 
     def abar(self, t):
-        """\\bar{alpha}_t for t (int or (B,) long tensor); t = -1 means "clean image": abar = 1."""
-        t = torch.as_tensor(t, device=self.alpha_bar.device)
+        """\\bar{alpha}_t for t (int or (B,) long tensor); t = -1 means "clean image": abar = 1.
+        An int t picks an element on the device (no host-to-device copy, which would make a GPU wait)."""
+        if not torch.is_tensor(t):
+            return self.alpha_bar[t] if t >= 0 else self.alpha_bar.new_ones(())
         a = self.alpha_bar[t.clamp(min=0)]
         return torch.where(t < 0, torch.ones_like(a), a)
 
@@ -135,14 +137,22 @@ def ddim_timesteps(T, steps, offset=1):
     return [i * stride + min(offset, stride - 1) for i in reversed(range(steps))]
 
 
+def t_batch(t, x):
+    """The network's timestep input for a sampler's step: the int t repeated over x's batch, (B,) long.
+    The int rides along as `.step`, so a model whose weights depend on the step (shortft.FineTuned's T-LoRA)
+    reads it from there, not back from the device (which would make a GPU wait)."""
+    t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
+    t_vec.step = t
+    return t_vec
+
+
 def ddim_sample(model, sched, x_T, timesteps, eta=0.0):
     """DDIM sampling (Song et al. 2021, Eq. 12) over a descending list of timesteps; the last
     step lands on x_0. Differentiable: wrap it in no_grad yourself when you only want samples."""
     x = x_T  # (B, C, H, W)
     for i, t in enumerate(timesteps):
         s = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
-        x = ddim_step(sched, x, model(x, t_vec), t, s, eta)
+        x = ddim_step(sched, x, model(x, t_batch(t, x)), t, s, eta)
     return x
 
 
@@ -150,6 +160,5 @@ def ddpm_sample(model, sched, x_T):
     """DDPM ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2)."""
     x = x_T
     for t in reversed(range(sched.T)):
-        t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
-        x = ddpm_step(sched, x, model(x, t_vec), t)
+        x = ddpm_step(sched, x, model(x, t_batch(t, x)), t)
     return x

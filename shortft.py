@@ -56,12 +56,17 @@ class FineTuned:
     def __call__(self, x, t):
         """eps_theta(x_t, t) with the LoRA stack of t; t: (B,) with one value (a sampler's step)."""
         if self.tlora:
-            set_active(self.unet, self.stack(int(t[0])))
+            set_active(self.unet, self.stack(step_of(t)))
         return self.unet(x, t)
 
     def stack(self, t):
         """How many LoRAs are on at timestep t: the edges at or above t, at least one."""
         return max(1, sum(e >= t for e in self.edges))
+
+
+def step_of(t):
+    """The int timestep of a sampler's (B,) input: the one ddpm.t_batch attached, else read from the tensor."""
+    return t.step if hasattr(t, "step") else int(t[0])
 
 
 def set_phase(ft, phase):
@@ -88,8 +93,7 @@ def ptrain_phase(k, done, t1_phase=False):
 
 def base_step(model, sched, x, t, s):
     """One DDIM step of the (fine-tuned) base model from t to s (Song et al. 2021, Eq. 12, eta = 0)."""
-    t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # (B,)
-    return ddpm.ddim_step(sched, x, model(x, t_vec), t, s)
+    return ddpm.ddim_step(sched, x, model(x, ddpm.t_batch(t, x)), t, s)
 
 
 def next_t(groups, j, i):
@@ -149,4 +153,4 @@ def merge_for_sampling(ft):
     if not ft.tlora:
         return merged(ft.unet, 1)
     unets = [merged(ft.unet, j + 1) for j in range(len(ft.groups))]
-    return lambda x, t: unets[ft.stack(int(t[0])) - 1](x, t)
+    return lambda x, t: unets[ft.stack(step_of(t)) - 1](x, t)

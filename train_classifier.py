@@ -120,8 +120,8 @@ def train_net(kind, cfg, device):
         opt.step()
         step += 1
         elapsed += time.time() - t0
-        stage.tick(step, B, "cls_lr", cfg["log_every"], loss=loss.item(),
-                   train_acc=(logits.argmax(1) == labels).float().mean().item())
+        stage.tick(step, B, "cls_lr", cfg["log_every"], loss=loss,  # on the device: read once per log row
+                   train_acc=(logits.argmax(1) == labels).float().mean())
         if step % cfg["cls_ckpt_every"] == 0 and step < steps:
             save()
     stage.close()

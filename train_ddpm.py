@@ -15,17 +15,17 @@ import time
 import torch
 
 import ddpm
-from sftlib.common import bf16_autocast, ema_update, export_safetensors, save_grid, set_rng_state
+from sftlib.common import adam, bf16_autocast, ema_update, export_safetensors, memory_format, save_grid, set_rng_state
 from sftlib.data import DeviceBatches, load_cifar10
 from sftlib.metrics import ddim50
 from sftlib.models import schedule_of
-from sftlib.stage import Stage, run_alone
+from sftlib.stage import Stage, budget_spent, run_alone
 from unet import build_unet
 
 
 @torch.no_grad()  # sampling grids for a look: no gradients needed
-def sample_grid(model, sched, x_T, real, path, batch):
-    x0 = ddim50(model, sched, x_T, batch)  # (B, 3, 32, 32)
+def sample_grid(model, sched, x_T, real, path, batch, bf16=False):
+    x0 = ddim50(model, sched, x_T, batch, bf16)  # (B, 3, 32, 32)
     save_grid(torch.cat([real, x0]), path)
 
 
@@ -43,12 +43,14 @@ def lr_at(cfg, step):
 def train(cfg, device):
     stage = Stage(cfg, "ddpm", kind="ddpm", steps="ddpm_steps", columns=("loss",))
     export = os.path.join(stage.out, "model.safetensors")  # written last: the stage is complete once it exists
-    ckpt = stage.resume_or_skip(complete=lambda c: c["step"] >= cfg["ddpm_steps"] and os.path.isfile(export), export=export)
+    ckpt = stage.resume_or_skip(complete=lambda c: budget_spent(c["step"], c.get("elapsed", 0.0), cfg["ddpm_steps"],
+                                                                cfg["ddpm_seconds"]) and os.path.isfile(export),
+                                export=export)
     if stage.skipped:
         return stage.ckpt_path
-    steps = cfg["ddpm_steps"]  # on --resume, cfg is now the checkpoint's config (sftlib/stage.py)
-    model = build_unet(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["ddpm_lr"])
+    steps, seconds = cfg["ddpm_steps"], cfg["ddpm_seconds"]  # on --resume, cfg is now the checkpoint's config
+    model = build_unet(cfg).to(device, memory_format=memory_format(cfg, device))
+    opt = adam(model.parameters(), cfg["ddpm_lr"])
     step, elapsed = 0, 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -62,8 +64,9 @@ def train(cfg, device):
 
     x, y = load_cifar10(cfg["data_root"], "train", cfg["n_train"], os.path.join(cfg["out_dir"], "cache"))
     data = DeviceBatches(x, y, device)
+    budget = f"{steps} steps" + (f" or {seconds:.0f} s of training, whichever ends first," if seconds > 0 else "")
     print(f"[ddpm] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(data)} training images, {steps} steps of batch {cfg['ddpm_batch']} on {device}")
+          f"{len(data)} training images, {budget} of batch {cfg['ddpm_batch']} on {device}")
     # fixed noise and reals for the sample grids, from their own generator so resume sees the same
     g = torch.Generator().manual_seed(1234)
     x_T = torch.randn(cfg["grid_ddpm"], 3, 32, 32, generator=g).to(device)  # (grid_ddpm, 3, 32, 32)
@@ -72,8 +75,8 @@ def train(cfg, device):
     net = torch.compile(model) if cfg["compile"] and device.type == "cuda" else model
     autocast = bf16_autocast(cfg, device)
     model.train()
-    stage.start(step)
-    while step < steps:
+    stage.start(step, total=steps if seconds <= 0 else None)
+    while not budget_spent(step, elapsed, steps, seconds):
         t0 = time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
@@ -87,11 +90,15 @@ def train(cfg, device):
         step += 1
         # EMA with warmup: early on the average forgets fast, later it keeps ddpm_ema
         ema_update(ema, model, min(cfg["ddpm_ema"], (1 + step) / (10 + step)))
+        if stage.due(step, cfg["log_every"]) and device.type == "cuda":
+            torch.cuda.synchronize()  # the clock below counts the GPU's work, not only its queueing
         elapsed += time.time() - t0
-        stage.tick(step, cfg["ddpm_batch"], "ddpm_lr", cfg["log_every"], loss=loss.item())
-        if stage.due(step, cfg["sample_every"]):
-            sample_grid(ema, sched, x_T, real, os.path.join(stage.out, f"samples_{step}.png"), cfg["sample_batch"])
-        if stage.due(step, cfg["ddpm_ckpt_every"]):
+        last = budget_spent(step, elapsed, steps, seconds)
+        stage.tick(step, cfg["ddpm_batch"], "ddpm_lr", cfg["log_every"], last, loss=loss)  # loss: read once per row
+        if stage.due(step, cfg["sample_every"], last):
+            sample_grid(ema, sched, x_T, real, os.path.join(stage.out, f"samples_{step}.png"), cfg["sample_batch"],
+                        cfg["bf16"])
+        if stage.due(step, cfg["ddpm_ckpt_every"], last):
             stage.save(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
                        elapsed=elapsed)
     stage.close()

@@ -91,8 +91,9 @@ def load_prompts(path):
         return PROMPTS
     if not os.path.isfile(path):
         raise UserError(f"--prompts={path}: no such file (one prompt a line)")
-    with open(path) as f:
-        prompts = [line.strip() for line in f if line.strip()]
+    from sftlib.readers import read_text
+
+    prompts = [line.strip() for line in read_text(path, "prompts file").splitlines() if line.strip()]  # UTF-8 text
     if not prompts:
         raise UserError(f"--prompts={path} holds no prompt")
     return prompts
@@ -131,8 +132,10 @@ def build(cfg, device, bf16, names_or_dir):
         meta_path = os.path.join(names_or_dir, "tlora.json")
         if not os.path.isfile(meta_path):
             raise UserError(f"--lora_dir={names_or_dir}: no tlora.json there (written by the sd15 model's training)")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        from sftlib.readers import check_edges, read_json
+
+        meta = read_json(meta_path, {"names": list, "edges": list, "tlora": bool}, "LoRA description")
+        check_edges(meta["edges"], 1000, meta_path)
         names, edges, tlora = meta["names"], meta["edges"], meta["tlora"]
         for name in names:
             sd.load_lora(pipe, os.path.join(names_or_dir, name), name, flag="--lora_dir")

@@ -18,11 +18,11 @@ import torch
 
 import ddpm
 from consistency import TeacherChains, cd_loss, segment_edges, shortcut_sample
-from sftlib.common import (UserError, bf16_autocast, ema_update, export_safetensors, file_sha256, load_checkpoint,
-                           save_grid, set_rng_state)
+from sftlib.common import (UserError, adam, bf16_autocast, ema_update, export_safetensors, file_sha256, load_checkpoint,
+                           memory_format, save_grid, set_rng_state)
 from sftlib.data import DeviceBatches, load_cifar10
 from sftlib.models import MODEL_KEYS, load_ddpm
-from sftlib.stage import LEGACY, Stage, run_alone, upstream
+from sftlib.stage import LEGACY, Stage, budget_spent, run_alone, upstream
 
 
 @torch.no_grad()  # sampling grids for a look: no gradients needed
@@ -39,20 +39,22 @@ def train(cfg, device):
     # provenance: the shortcut names the teacher it was distilled from by its export's bytes (a torch.save archive's
     # bytes also depend on the temporary file name it was written under)
     teacher_sha = file_sha256(os.path.join(os.path.dirname(teacher_path), "model.safetensors"))
-    ckpt = stage.resume_or_skip(complete=lambda c: c["step"] >= cfg["shortcut_steps"] and os.path.isfile(export),
+    ckpt = stage.resume_or_skip(complete=lambda c: budget_spent(c["step"], c.get("elapsed", 0.0), cfg["shortcut_steps"],
+                                                                cfg["shortcut_seconds"]) and os.path.isfile(export),
                                 export=export)
     if ckpt is not None and ckpt.get("teacher_sha256", teacher_sha) != teacher_sha:  # older checkpoints: not recorded
         raise UserError(f"{stage.ckpt_path} was distilled from another teacher than {teacher_path} (its SHA-256 "
                         f"differs): move {stage.out} aside to distil the shortcut again from this one")
     if stage.skipped:
         return stage.ckpt_path
-    steps = cfg["shortcut_steps"]  # on --resume, cfg is now the checkpoint's config (sftlib/stage.py)
+    steps, seconds = cfg["shortcut_steps"], cfg["shortcut_seconds"]  # on --resume, cfg is the checkpoint's config
     teacher, sched, teacher_cfg = load_ddpm(teacher_path, device)  # the DDPM's EMA weights
     teacher.requires_grad_(False)
     edges = segment_edges(sched.T, ddpm.N_CHAIN, cfg["k_segments"])
     # the student is the teacher's UNet (a teacher saved before a key existed ran with its LEGACY value)
     cfg.update({k: teacher_cfg.get(k, LEGACY.get(k)) for k in MODEL_KEYS})
 
+    teacher.to(memory_format=memory_format(cfg, device))
     student = copy.deepcopy(teacher).requires_grad_(True)  # initialised from the teacher (Song et al. 2023)
     if cfg["shortcut_init"]:  # *choice* for ablations: re-segment a distilled shortcut (e.g. k = 4 -> 8) briefly
         init = load_checkpoint(cfg["shortcut_init"], "shortcut")
@@ -60,7 +62,7 @@ def train(cfg, device):
             student.load_state_dict(init["ema"])
         except RuntimeError:
             raise UserError(f"--shortcut_init={cfg['shortcut_init']} is a shortcut of another UNet than the teacher") from None
-    opt = torch.optim.Adam(student.parameters(), lr=cfg["shortcut_lr"])
+    opt = adam(student.parameters(), cfg["shortcut_lr"])
     step, elapsed = 0, 0.0
     if ckpt is not None:
         if list(ckpt["edges"]) != edges:
@@ -77,7 +79,8 @@ def train(cfg, device):
 
     x, y = load_cifar10(cfg["data_root"], "train", cfg["n_train"], os.path.join(cfg["out_dir"], "cache"))
     data = DeviceBatches(x, y, device)
-    print(f"[shortcut] k={cfg['k_segments']} segments, edges {edges}; {steps} steps of batch "
+    budget = f"{steps} steps" + (f" or {seconds:.0f} s of training, whichever ends first," if seconds > 0 else "")
+    print(f"[shortcut] k={cfg['k_segments']} segments, edges {edges}; {budget} of batch "
           f"{cfg['shortcut_batch']}, {cfg['cd_loss']} loss, {cfg['teacher_solver']} teacher, on {device}")
     g = torch.Generator().manual_seed(1234)  # fixed noise for the grids, the same after a resume
     x_T = torch.randn(cfg["grid_shortcut"], 3, 32, 32, generator=g).to(device)  # (grid_shortcut, 3, 32, 32)
@@ -90,11 +93,11 @@ def train(cfg, device):
         set_rng_state(ckpt["rng"])
     net = torch.compile(student) if cfg["compile"] and device.type == "cuda" else student
     autocast = bf16_autocast(cfg, device)
-    if stage.start(step):
+    if stage.start(step, total=steps if seconds <= 0 else None):
         # step 0: the student is still the teacher, so this grid shows the naive k-jump DDIM sampler
         sample_grid(teacher, ema, sched, x_T, edges, os.path.join(stage.out, "samples_0.png"))
     student.train()
-    while step < steps:
+    while not budget_spent(step, elapsed, steps, seconds):
         t0 = time.time()
         x0, _ = data.sample(cfg["shortcut_batch"] - m)  # (B - m, 3, 32, 32) in [-1, 1]
         with autocast:
@@ -106,14 +109,17 @@ def train(cfg, device):
         step += 1
         ema_update(target, student, cfg["cd_target_ema"])  # phi^- <- mu phi^- + (1 - mu) phi (Alg. 2)
         ema_update(ema, student, min(cfg["shortcut_ema"], (1 + step) / (10 + step)))  # with warmup, as the DDPM's
+        if stage.due(step, cfg["log_every"]) and device.type == "cuda":
+            torch.cuda.synchronize()  # the clock below counts the GPU's work, not only its queueing
         elapsed += time.time() - t0
-        stage.tick(step, cfg["shortcut_batch"], "shortcut_lr", cfg["log_every"], loss=loss.item())
-        if stage.due(step, cfg["shortcut_ckpt_every"]):
+        last = budget_spent(step, elapsed, steps, seconds)
+        stage.tick(step, cfg["shortcut_batch"], "shortcut_lr", cfg["log_every"], last, loss=loss)  # read once per row
+        if stage.due(step, cfg["shortcut_ckpt_every"], last):
             stage.save(model=student.state_dict(), ema=ema.state_dict(), target=target.state_dict(),
                        opt=opt.state_dict(), step=step, edges=edges, teacher=teacher_path, teacher_sha256=teacher_sha,
                        elapsed=elapsed,
                        chains=chains.state_dict() if chains is not None else None)
-        if stage.due(step, cfg["sample_every"]):
+        if stage.due(step, cfg["sample_every"], last):
             sample_grid(teacher, ema, sched, x_T, edges, os.path.join(stage.out, f"samples_{step}.png"))
     stage.close()
     export_safetensors(ema.state_dict(), cfg, export, kind="shortcut",

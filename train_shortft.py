@@ -27,8 +27,8 @@ import tlora
 from baselines import SHORT_CHAIN, method_chain
 from rewards import reward_loss
 from shortft import merge_for_sampling, ptrain_phase, set_phase
-from sftlib.common import (UserError, export_safetensors, file_sha256, load_checkpoint, plot_lines, save_grid, set_rng_state,
-                           write_text)
+from sftlib.common import (UserError, adam, bf16_autocast, export_safetensors, file_sha256, load_checkpoint, plot_lines,
+                           save_grid, set_rng_state, write_text)
 from sftlib.metrics import ddim50, evaluate_model
 from sftlib.models import build_finetuned, load_ddpm, load_naive_shortcut, load_reward, load_shortcut
 from sftlib.stage import Stage, run_alone, upstream
@@ -78,7 +78,7 @@ def train(cfg, device, probe=None):
         sched.clip_x0 = "straight_through"  # the same chain values; clipped pixels pass gradient (ddpm.clip)
     k = len(ft.groups)
     params = [p for p in ft.unet.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg["ft_lr"])
+    opt = adam(params, cfg["ft_lr"])
     g = torch.Generator().manual_seed(4321)  # the fixed evaluation noise: same before and after
     x_eval = torch.randn(cfg["n_eval"], 3, 32, 32, generator=g).to(device)  # (n_eval, 3, 32, 32)
     step, history, train_s = 0, [], 0.0
@@ -100,7 +100,30 @@ def train(cfg, device, probe=None):
     print(f"[shortft] {cfg['reward']}: {k} segments {[gr[-1] for gr in ft.groups]}, {what} "
           f"({sum(p.numel() for p in params) / 1e6:.3f}M trainable), T-LoRA {ft.tlora}, P-Training {cfg['progressive']}")
 
+    autocast = bf16_autocast(cfg, device)  # the chain's network calls; the reward and the loss stay float32
+    window = []  # the steps since the last read: (step, phase, seconds, [mean reward, grad norm, loss] on the device)
+    log_every = cfg["log_every"]
+
+    def flush():
+        """Read the window's numbers back from the device at once (one sync per log_every steps, not five per
+        step) into `history`; a NaN or infinite loss or gradient stops the run with one line."""
+        if not window:
+            return
+        values = torch.stack([torch.stack(w[3]) for w in window]).tolist()  # (n, 3): reward, grad norm, loss
+        ms = 1000 * sum(w[2] for w in window) / len(window)  # per step, the window's mean: a GPU's queue
+        for (s, phase, _, _), (r, gn, loss) in zip(window, values):  # makes one step's own clock meaningless
+            if not (math.isfinite(loss) and math.isfinite(gn)):
+                raise UserError(f"[shortft] loss {loss} / grad norm {gn} at step {s}: stopped; the last good checkpoint "
+                                f"is kept at {stage.ckpt_path}")
+            history.append(dict(step=s, phase=phase, reward=r, grad_norm=gn, ms=ms))
+        window.clear()
+        h = history[-1]
+        if stage.bar is not None:
+            stage.bar.set_postfix(reward=f"{h['reward']:.3f}", grad=f"{h['grad_norm']:.2f}", ms=f"{h['ms']:.0f}",
+                                  phase=h["phase"])
+
     def save(done):
+        flush()
         stage.save(unet=ft.unet.state_dict(), opt=opt.state_dict(), step=step, done=done, train_s=train_s,
                    before=before, history=history, base=os.path.abspath(base_path), base_sha256=base_sha,
                    shortcut=os.path.abspath(shortcut_path), shortcut_sha256=shortcut_sha, edges=list(edges),
@@ -114,28 +137,33 @@ def train(cfg, device, probe=None):
         phase = phase_at(cfg, k, done)
         set_phase(ft, phase)  # P-Training: in phase i only LoRAs i..k-1 train
         x_T = torch.randn(cfg["ft_batch"], 3, 32, 32, device=device)  # (B, 3, 32, 32)
-        x0 = training_chain(cfg, ft, student, sched, x_T, phase)  # (B, 3, 32, 32); DRaFT-LV: (n B, ...)
-        r = reward(x0)  # (B,) higher is better
+        with autocast:
+            x0 = training_chain(cfg, ft, student, sched, x_T, phase)  # (B, 3, 32, 32); DRaFT-LV: (n B, ...)
+        r = reward(x0.float())  # (B,) higher is better
         loss = cfg["ft_reward_scale"] * reward_loss(r)  # = -scale * mean reward
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg["ft_grad_clip"]))
-        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
-            raise UserError(f"[shortft] loss {loss.item()} / grad norm {grad_norm} at step {step + 1}: "
-                            f"stopped; the last good checkpoint is kept at {stage.ckpt_path}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["ft_grad_clip"])  # on the device, read in flush()
         opt.step()
         step += 1
-        ms = (time.time() - t0) * 1000
-        train_s += ms / 1000
-        history.append(dict(step=step, phase=phase, reward=r.mean().item(), grad_norm=grad_norm, ms=ms))
-        stage.tick(step, cfg["ft_batch"], "ft_lr", None, loss=loss.item())  # log.csv is written at the end
-        stage.bar.set_postfix(reward=f"{r.mean().item():.3f}", grad=f"{grad_norm:.2f}", ms=f"{ms:.0f}", phase=phase)
+        if probe is not None or step % log_every == 0:
+            flush_due = True
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # the clock counts the GPU's work, not only its queueing
+        else:
+            flush_due = False
+        secs = time.time() - t0
+        train_s += secs
+        window.append((step, phase, secs, [r.detach().mean(), grad_norm.detach(), loss.detach()]))
+        stage.tick(step, cfg["ft_batch"], "ft_lr", None)  # the bar; log.csv is written at the end
+        if flush_due:
+            flush()
         if probe is not None:
             probe.during(step, train_s, ft, student, sched, x_eval, phase, stage.say)
         if step % cfg["ft_ckpt_every"] == 0:
             save(done=False)
     stage.close()
-    save(done=False)  # the final weights; `done` only once every output below exists
+    save(done=False)  # the final weights (flushed history); `done` only once every output below exists
     report(cfg, ft, sched, x_eval, before, history, stage.out, base_path, edges, device, probe, student)
     save(done=True)
     return stage.ckpt_path
@@ -148,7 +176,7 @@ def report(cfg, ft, sched, x_eval, before, history, out, base_path, edges, devic
         export_safetensors(tlora.lora_state(ft.unet), cfg, os.path.join(out, "lora.safetensors"), kind="lora",
                            base=base_path, edges=list(edges))
     after, x_after = evaluate_model(merge_for_sampling(ft), sched, x_eval, cfg, device, cfg["fid_n"])
-    x_before = ddim50(load_ddpm(base_path, device)[0], sched, x_eval[:cfg["grid_ft"]], cfg["sample_batch"])
+    x_before = ddim50(load_ddpm(base_path, device)[0], sched, x_eval[:cfg["grid_ft"]], cfg["sample_batch"], cfg["bf16"])
     save_grid(torch.cat([x_before, x_after[:cfg["grid_ft"]]]), os.path.join(out, "before_after.png"))
     write_text(os.path.join(out, "log.csv"), "step,phase,reward,grad_norm,ms\n" + "".join(
         f"{h['step']},{h['phase']},{h['reward']:.5f},{h['grad_norm']:.4f},{h['ms']:.1f}\n" for h in history))

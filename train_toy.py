@@ -20,7 +20,6 @@ Stages, in order (each writes under <out_dir>/<stage>/):
     shortft     fine-tune the base DDPM against the reward through the shortcut chain (train_shortft.py; shortft.py)
 """
 import importlib
-import json
 import os
 import time
 
@@ -67,10 +66,14 @@ def run_pipeline(args):
     if unknown:
         raise UserError(f"unknown stage {unknown[0]!r}: --stages takes all or a comma list of "
                         f"{', '.join(s for s, _ in STAGES)}")
-    device = pick_device(cfg["device"])
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere and later
-        torch.backends.cudnn.allow_tf32 = True
+    device = pick_device(cfg["device"])  # on CUDA with cuDNN autotuning and TF32 (sftlib/common.py, fast_device)
+    if cfg["fid_n"] > 0 and "shortft" in wanted:  # the Inception weights, found before any stage trains
+        from sftlib import fid
+
+        try:
+            fid.weights_path()
+        except fid.FIDError as e:
+            raise UserError(f"--fid_n={cfg['fid_n']}: {e} (or pass --fid_n=0 to skip the FID)") from None
     lock_folder(cfg["out_dir"])  # one run per output folder for the whole run, not only per stage (sftlib/stage.py)
     if cfg["pretrained"]:  # the shipped base, shortcut and classifiers become this run's complete stages
         from sftlib import pretrained
@@ -84,6 +87,10 @@ def run_pipeline(args):
         print(f"[train_toy] quick preset: the shipped checkpoints, then {cfg['ft_steps']} ShortFT steps of batch "
               f"{cfg['ft_batch']} and DDIM-50 scores of {cfg['n_eval']} samples before and after (5 minutes on 2 free "
               f"CPU cores with these sizes; checkpoints/README.md). Override any key with --key=value.")
+    if cfg["preset"] == "gpu" and not cfg["pretrained"]:
+        print(f"[train_toy] GPU preset: every stage and the {cfg['fid_n']}-sample FID before and after fine-tuning, "
+              f"predicted at about 7 minutes on one H100/H200 (the DDPM trains {cfg['ddpm_seconds']:.0f} s, the shortcut "
+              f"{cfg['shortcut_seconds']:.0f} s); --preset=gpu_long: Ho et al.'s 35.7M UNet, about an hour.")
     if cfg["preset"] == "cpu" and not cfg["pretrained"]:
         print("[train_toy] CPU preset: a small UNet and short stages, about 20 minutes in all on 2 free cores. "
               "For the real run use a GPU (--preset=gpu); override any key with --key=value.")
@@ -97,6 +104,10 @@ def run_pipeline(args):
     print_results(cfg["out_dir"], cfg["method"], minutes)
 
 
+# what the closing table reads from <out_dir>/<method>/metrics.json (train_shortft.report writes it)
+METRICS_SCHEMA = {"reward": str, "ms_per_step_median": (int, float), "before": dict, "after": {"n_samples": int}}
+
+
 def print_results(out_dir, method, minutes):
     """The closing table: minutes per stage, then the fine-tuning's before/after metrics."""
     print("\n| stage | minutes |\n|---|---|")
@@ -104,9 +115,13 @@ def print_results(out_dir, method, minutes):
         print(f"| {stage} | {m:.1f} |")
     path = os.path.join(out_dir, method, "metrics.json")
     if not os.path.isfile(path):
+        if "shortft" in minutes:  # the stage ran, or found itself complete: its report must be there
+            raise UserError(f"{path} is missing, though the {method} stage is complete: its outputs were damaged; "
+                            f"move {os.path.dirname(path)} aside and run the stage again")
         return
-    with open(path) as f:
-        m = json.load(f)
+    from sftlib.readers import check_schema, read_json  # a torn or wrong metrics.json: one line
+
+    m = read_json(path, METRICS_SCHEMA, "metrics")
     rows = [("Inception FID (" + str(m["after"].get("fid_n")) + " samples)", "fid"), ("Inception KID", "kid"),
             ("training reward (" + m["reward"] + ")", "reward_mean"),
             ("held-out evaluator: target-class rate", "evaluator_target_rate"),
@@ -120,6 +135,7 @@ def print_results(out_dir, method, minutes):
     print("| metric | before | after |\n|---|---|---|")
     for name, key in rows:
         if key in m["after"] and key in m["before"]:
+            check_schema(m, {"before": {key: (int, float)}, "after": {key: (int, float)}}, path)
             print(f"| {name} | {m['before'][key]:.3f} | {m['after'][key]:.3f} |")
     print(f"| ms per fine-tuning step (median) | | {m['ms_per_step_median']:.0f} |")
 
@@ -136,6 +152,8 @@ def run_sample(args):
         raise UserError(f"--sampler must be ddpm, ddim or shortcut, got {opts['sampler']!r}")
     if not opts["out"].endswith(".npz"):
         raise UserError(f"--out must name a .npz file, got {opts['out']!r}")
+    if "eta" in given and opts["sampler"] != "ddim":  # an option the sampler does not use is an error, not ignored
+        raise UserError(f"--eta applies to --sampler=ddim only (DDIM's stochasticity), not to --sampler={opts['sampler']}")
     device = pick_device(opts["device"])
     from consistency import shortcut_sample
     from sftlib.models import load_ddpm, load_finetuned, load_shortcut
@@ -160,6 +178,9 @@ def run_sample(args):
         if "steps" in given and opts["steps"] != len(edges):
             raise UserError(f"this shortcut checkpoint has k = {len(edges)} segments: leave --steps out or "
                             f"pass --steps={len(edges)}, got --steps={opts['steps']}")
+    if opts["sampler"] == "ddpm" and "steps" in given and opts["steps"] != sched.T:
+        raise UserError(f"--sampler=ddpm takes all T = {sched.T} steps of its model: leave --steps out or pass "
+                        f"--steps={sched.T}, got --steps={opts['steps']} (fewer steps: --sampler=ddim)")
     timesteps = ddpm.ddim_timesteps(sched.T, opts["steps"]) if opts["sampler"] == "ddim" else None  # checks --steps
     sched.clip_x0 = opts["clip_x0"]  # x0-clipping in the sampler (ddpm.py); --clip_x0=false to see without
     seed_all(opts["seed"])
@@ -177,10 +198,31 @@ def run_sample(args):
             print(f"[sample] {min(i + opts['batch'], opts['n'])}/{opts['n']}")
     x0 = torch.cat(images)  # (N, 3, 32, 32)
     os.makedirs(os.path.dirname(opts["out"]) or ".", exist_ok=True)
+    remove_dead_temps(opts["out"])  # a killed earlier `sample` to the same file left its temporary files
+    remove_dead_temps(opts["out"][:-4] + ".png")
     with atomic_path(opts["out"]) as tmp:
         np.savez(tmp, images=to_uint8(x0))
     save_grid(x0[:64], opts["out"][:-4] + ".png")
     print(f"[sample] wrote {opts['out']} ({len(x0)} images) and {opts['out'][:-4]}.png")
+
+
+def remove_dead_temps(path):
+    """The temporary files atomic_path wrote for `path` (<root>.tmp<pid><ext>) whose process has ended:
+    left by a run killed mid-write. A live process's (another sample to the same file) is kept."""
+    import glob
+    import re
+
+    root, ext = os.path.splitext(path)
+    for tmp in glob.glob(glob.escape(root) + ".tmp[0-9]*" + glob.escape(ext)):
+        m = re.fullmatch(re.escape(root) + r"\.tmp(\d+)" + re.escape(ext), tmp)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            os.remove(tmp)
+        except (PermissionError, OverflowError):  # alive under another user / not a pid: leave it
+            pass
 
 
 def run_eval(args):

@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # and its siblings, also w
 
 from sftlib import config  # noqa: E402
 from sftlib.common import UserError, load_checkpoint, pick_device, run_main, write_text  # noqa: E402
+from sftlib.readers import read_json  # noqa: E402
 from frontier import check_grid  # noqa: E402
 from frontier_report import figures, inception_rows, render, summarise  # noqa: E402
 from ft_probe import chain_fidelity, step_memory, step_ms  # noqa: E402
@@ -146,8 +147,7 @@ def run(name, reward, seed, lr, opts, device):
     stamp = os.path.join(out, "args.json")  # a finished run is reused only if it ran with these arguments
     same = False
     if os.path.isfile(stamp):
-        with open(stamp) as f:
-            same = json.load(f) == args
+        same = read_json(stamp, None, "arguments stamp") == args
     if not (same and os.path.isfile(os.path.join(run_dir, "metrics.json"))):
         if opts["report_only"]:
             return None
@@ -159,11 +159,10 @@ def run(name, reward, seed, lr, opts, device):
         call([os.path.join(ROOT, "benchmarks", "ft_probe.py"), *args], f"{name}, lr {lr:g}, seed {seed}", env=child_env(opts))
         write_text(os.path.join(out, "wall_s.json"), json.dumps(time.time() - t0))  # the run's wall time, whole process
         write_text(stamp, json.dumps(args))
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        m = json.load(f)
+    m = read_json(os.path.join(run_dir, "metrics.json"), {"steps": int, "ms_per_step_median": (int, float),
+                                                          "curve": list}, "metrics")
     wall = os.path.join(out, "wall_s.json")
-    with open(wall) if os.path.isfile(wall) else open(os.devnull) as f:
-        wall_s = json.loads(f.read() or "null")
+    wall_s = read_json(wall, None, "wall time") if os.path.isfile(wall) else None
     return dict(name=name, reward=reward, seed=seed, lr=lr, steps=m["steps"], ms=m["ms_per_step_median"],
                 curve=m["curve"], dir=os.path.relpath(run_dir, base), wall_s=wall_s)
 
@@ -177,8 +176,7 @@ def calibrate(arms, opts, device):
     key = dict(ft_batch=opts["ft_batch"], device=device.type)
     ms = {}
     if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = read_json(path, {"ms": dict}, "step times")
         ms = old["ms"] if old.get("key") == key else {}  # arms timed before, at this batch on this device
     missing = [n for n in arms if n not in ms]
     if missing and opts["report_only"]:

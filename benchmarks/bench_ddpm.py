@@ -75,6 +75,8 @@ def measure(name, device, iters):
 
 def main(argv):
     opts = dict(DEFAULTS, **config.parse_overrides(argv, DEFAULTS))
+    if opts["iters"] < 1:  # 0 iterations would time nothing: a table of inf and NaN
+        raise UserError(f"--iters must be at least 1, got {opts['iters']}")
     device = pick_device(opts["device"])
     if opts["child"]:
         print(json.dumps(measure(opts["child"], device, opts["iters"])))

@@ -39,7 +39,8 @@ import ddpm
 from sftlib import config
 from sftlib.common import UserError, pick_device, run_main, save_grid, write_text
 from sftlib.data import DeviceBatches, load_cifar10
-from sftlib.metrics import evaluate_samples, inception_metrics, mean_ci
+from sftlib.metrics import evaluate_samples, inception_metrics, load_samples, mean_ci
+from sftlib.readers import read_json
 from unet import build_unet
 
 # Each variant: flags on top of the CPU defaults, every recipe key pinned. "old" is the CPU recipe before
@@ -222,7 +223,7 @@ def main(argv):
         for path in a["pool"].split(","):
             if not os.path.isfile(path):
                 raise UserError(f"--pool: no results file {path}")
-            for v, r in json.load(open(path)).items():
+            for v, r in read_json(path, {}, "results").items():  # torn or not an object: one line
                 if not isinstance(r, dict) or "flags" not in r:  # a note ("_note"), not a variant
                     continue
                 if v in results and results[v] != r:
@@ -242,7 +243,7 @@ def main(argv):
     out = os.path.abspath(a["out_dir"])
     os.makedirs(out, exist_ok=True)
     res_path = os.path.join(out, "results.json")
-    results = json.load(open(res_path)) if a["reuse"] and os.path.isfile(res_path) else {}
+    results = read_json(res_path, {}, "results") if a["reuse"] and os.path.isfile(res_path) else {}
     # the judge: the shipped held-out evaluator (installed with the other classroom models)
     judge = os.path.join(out, "judge")
     if not os.path.isfile(os.path.join(judge, "evaluator", "ckpt.pt")):
@@ -281,7 +282,7 @@ def main(argv):
             wall = run([sys.executable, "train_toy.py", "sample", f"--ckpt={vdir}/ddpm/ckpt.pt",
                         f"--n={a['n_samples']}", f"--out={npz}", "--seed=0", f"--device={a['device']}"])
             r["sample_img_per_s"] = a["n_samples"] / wall  # includes the process start (~2 s)
-        images = np.load(npz)["images"]
+        images = load_samples(npz)
         save_grid(torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1, os.path.join(vdir, "grid.png"))
         if "fd" not in r:
             m = evaluate_samples(images, judge, device)

@@ -37,6 +37,9 @@ def main():
     p.add_argument("--kid_subsets", type=int, default=100)
     p.add_argument("--kid_subset_size", type=int, default=1000, help="capped at n // 2, so that subsets differ")
     a = p.parse_args()
+    if a.n < 2 or a.n_train < 0 or a.time_n < 0 or a.batch < 0 or a.kid_subsets < 1 or a.kid_subset_size < 2:
+        sys.exit("error: --n must be at least 2, --kid_subsets at least 1, --kid_subset_size at least 2, and "
+                 "--n_train, --time_n, --batch at least 0")
     if a.threads:
         torch.set_num_threads(a.threads)
     batch = a.batch or (250 if torch.device(a.device).type == "cuda" else 50)

@@ -25,7 +25,6 @@ Redrawn from the measured results in benchmarks/results/ (no computation):
 With --eval_csv=PATH: docs/eval_curves.png, the held-out scores along one fine-tuning run (its eval.csv).
 The sample grids in docs/ come from the runs that made them (the commit that added each says which).
 """
-import csv
 import json
 import os
 import sys
@@ -114,8 +113,12 @@ def eval_figure(csv_path, path):
     plt = pyplot()
     if not os.path.isfile(csv_path):
         raise UserError(f"no eval.csv at {csv_path}: run python benchmarks/ft_probe.py --ft_eval_every=N first")
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
+    from sftlib.readers import read_csv
+
+    names, values = read_csv(csv_path, what="eval.csv")  # torn or not numbers: one line
+    if not values:
+        raise UserError(f"{csv_path} has a header but no rows: run the probe to its end")
+    rows = [dict(zip(names, v)) for v in values]
     keys = [k for k in ("target_rate", "reward", "fd", "fd_matched", "fd_target", "diversity", "diversity_target",
                         "chain_gap") if k in rows[0] and np.isfinite(float(rows[0][k]))]
     fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys), 2.6))

@@ -25,12 +25,13 @@ sys.path.insert(0, ROOT)  # run as `python benchmarks/ft_probe.py` from anywhere
 import train_shortft  # noqa: E402
 from shortft import merge_for_sampling, shortft_chain  # noqa: E402
 from sftlib import config  # noqa: E402
-from sftlib.common import UserError, atomic_path, pick_device, run_main, seed_all, write_text  # noqa: E402
+from sftlib.common import UserError, adam, atomic_path, pick_device, run_main, seed_all, write_text  # noqa: E402
 from sftlib.fid import to_uint8  # noqa: E402
 from sftlib.stage import lock_folder  # noqa: E402
 from sftlib.metrics import ddim50, evaluate_model  # noqa: E402
 from baselines import SHORT_CHAIN  # noqa: E402
 from sftlib.models import build_finetuned, load_naive_shortcut, load_reward, load_shortcut  # noqa: E402
+from sftlib.readers import NUMBER, read_json  # noqa: E402
 
 PROBE_DEFAULTS = dict(
     ft_seconds=0.0,  # > 0: a budget of training seconds instead of ft_steps (equal compute across methods)
@@ -38,6 +39,7 @@ PROBE_DEFAULTS = dict(
     ft_eval_every_s=0.0,  # > 0: ... or every this many training seconds (curves of equal-time runs share their x)
 )
 N_GAP = 16  # samples behind chain_gap
+BEFORE_SCHEMA = {"n_samples": int, "fd": NUMBER, "diversity": NUMBER}  # what a cached score of the base must hold
 
 
 @torch.no_grad()  # a measurement, no training
@@ -97,7 +99,7 @@ def step_ms(run_args, shortcut_dir, out_dir, device, n=4):
     ft, sched = build_finetuned(cfg, os.path.join(out_dir, "ddpm", "ckpt.pt"), edges, device)
     ft.unet.eval()
     params = [p for p in ft.unet.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg["ft_lr"])
+    opt = adam(params, cfg["ft_lr"])  # the fine-tuning stage's own optimizer (fused where it can be)
     times = []
     for i in range(n + 1):
         t0 = clock()
@@ -175,10 +177,9 @@ class Probe:
         before = None
         if os.path.isfile(cache):
             try:
-                with open(cache, encoding="utf-8") as f:
-                    before = json.load(f)
-            except (ValueError, UnicodeDecodeError):  # a torn cache: score again
-                before = None
+                before = read_json(cache, BEFORE_SCHEMA, "score cache")
+            except UserError as e:  # a torn or wrong cache: say so, and score again
+                print(f"[probe] {e}: scoring again")
         if not isinstance(before, dict):
             print(f"[probe] scoring the base model: DDIM-50 samples of {cfg['n_eval']} fixed noises")
             before = evaluate_model(ft, sched, x_eval, cfg, self.device, cfg["fid_n"])[0]

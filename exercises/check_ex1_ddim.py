@@ -21,8 +21,8 @@ def test_predict_x0_inverts_q_sample():
     sched, (x0, eps) = checklib.schedule64(), data()
     for t in (0, 250, 999):
         x_t = ddpm.q_sample(sched, x0, t, eps)
-        assert torch.allclose(ex.predict_x0(sched, x_t, eps, t), x0, atol=1e-9), t
-        assert torch.allclose(ex.predict_x0(sched, x_t, eps, t), ddpm.predict_x0(sched, x_t, t, eps), atol=1e-9)
+        assert torch.allclose(ex.predict_x0(sched, x_t, t, eps), x0, atol=1e-9), t
+        assert torch.allclose(ex.predict_x0(sched, x_t, t, eps), ddpm.predict_x0(sched, x_t, t, eps), atol=1e-9)
 
 
 def test_sigma_of_eq_16():

@@ -31,6 +31,13 @@ def test_bad_k(k):
         ex.segment_edges(1000, 50, k)
 
 
+@pytest.mark.parametrize("edges", [[761, 501, 261], [760, 501, 261, 1], []])
+def test_bad_edges(edges):
+    """Edges off the chain, or not ending at its last timestep, would leave steps outside every segment."""
+    with pytest.raises(ValueError):
+        ex.segment_groups(STEPS, edges)
+
+
 @pytest.mark.parametrize("k", [1, 2, 4, 8, 50])
 def test_groups_partition_the_chain(k):
     edges = ex.segment_edges(1000, 50, k)

@@ -59,3 +59,5 @@ def test_cosine():
     assert abs(ex.cosine(3 * a, b) - ref) < 1e-12 and abs(ex.cosine(a, a) - 1) < 1e-12  # scale-free, cos(a, a) = 1
     assert abs(ex.cosine(a, -a) + 1) < 1e-12
     assert ex.cosine(torch.zeros_like(a), b) == 0.0  # a method that gets no gradient at all: 0, not NaN
+    for u, v in ((a, b), (a, -3 * a), (torch.zeros_like(a), b)):  # the project's metric (sftlib/gradstudy.py)
+        assert abs(ex.cosine(u, v) - gradstudy.cosine(u, v)) < 1e-12

@@ -23,14 +23,16 @@ from shortft import shortft_chain
 PREDICTION = ""
 
 
-@torch.no_grad()  # a measurement
-def chain_gap(ft, student, sched, x_T, steps, phase=0):
-    """Per sample (B,): the mean squared distance, over the C x H x W values, between the x_0 of the ShortFT
-    chain at P-Training phase `phase` (shortft.shortft_chain, the fine-tuned model `ft` inside it) and the
-    x_0 of `ft`'s own real DDIM-50 chain (every step real, `ft` called as the sampler calls it), from the
-    same noise x_T."""
-    # TODO(student): x_0 of the ShortFT chain at `phase` and x_0 of ft's real DDIM-50 chain (ddpm.ddim_sample);
-    # their squared distance, averaged per sample
+def chain_gap(ft, student, sched, x_T, timesteps, phase=0):
+    """What P-Training exists to shrink (PAPER.md Sec. 3; benchmarks/ft_probe.py's chain_gap, per sample):
+    the mean squared distance, over the C x H x W values, between the x_0 the reward is computed on while
+    training in phase `phase`, and the x_0 the fine-tuned model `ft` draws from the same noise x_T at
+    inference (the long chain over `timesteps`, no shortcut). ft: shortft.FineTuned, its LoRA stack set per
+    timestep as the sampler calls it; student: the frozen shortcut."""
+    # TODO(student): a (B,) tensor, one gap per noise. The measurement is taken during training, between two
+    # optimizer steps, on a model whose LoRAs require grad: decide which of its calls need a graph. It must
+    # leave nothing behind, no graph held by its result and no gradient in any LoRA, and its values must not
+    # depend on whether the caller has gradients enabled
     raise NotImplementedError("exercise 10: chain_gap")
 
 
@@ -41,9 +43,10 @@ def experiment(quick=False, lr=1e-2, steps=12, every=6, batch=4):
     lab.show_prediction(PREDICTION)
     steps, every, batch = (2, 2, 1) if quick else (steps, every, batch)
     clock, L = lab.Clock(), lab.load()
-    x_gap = lab.noise(1 if quick else 4, seed=1)
+    x_gap = lab.noise(1 if quick else 6, seed=1)
     k = len(L.groups)
     first = None  # both runs start from the same model: their step-0 row is measured once
+    last = {}  # progressive -> (phase-0 gap, the trained chain's gap) per noise at the last step
     for progressive in (False, True):
         ft = lab.finetunable(L)
         opt = torch.optim.Adam(lab.lora_parameters(ft), lr=lr)
@@ -66,6 +69,7 @@ def experiment(quick=False, lr=1e-2, steps=12, every=6, batch=4):
                 print(f"{step:5d} {phase:5d} {m:12.5f} [{ci[0]:.5f}, {ci[1]:.5f}] {float(gs.mean()):28.5f} {r}   ({clock})")
                 rewards = []
             if step == steps:
+                last[progressive] = (g0.numpy(), gs.numpy())
                 break
             shortft.set_phase(ft, phase)  # P-Training freezes the LoRAs of the phases before
             x0 = shortft_chain(ft, L.shortcut, L.sched, torch.randn(batch, 3, 32, 32, generator=gen), ft.groups, phase)
@@ -74,6 +78,12 @@ def experiment(quick=False, lr=1e-2, steps=12, every=6, batch=4):
             opt.zero_grad(set_to_none=True)
             (-r.mean()).backward()
             opt.step()
+    (w0, _), (p0, ps) = last[False], last[True]
+    print(f"\nat step {steps}, differences per noise [95 % paired bootstrap over the {len(x_gap)} noises; one training seed]:")
+    print(f"  with P-Training, the gap of the chain it trains on minus its phase-0 gap   {lab.mean_ci(ps - p0, 5, True)}")
+    print(f"  the phase-0 gap, with minus without P-Training                             {lab.mean_ci(p0 - w0, 5, True)}")
+    print(f"  the gap of the chain trained on, with minus without P-Training             {lab.mean_ci(ps - w0, 5, True)}")
+    print(f"({clock})")
 
 if __name__ == "__main__":
     from exercises import lab

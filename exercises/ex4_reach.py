@@ -10,28 +10,26 @@ import torch
 
 
 class Probe:
-    """Wraps an eps-predictor (x, t_vec) -> eps: each call returns eps + delta with delta a zero
-    tensor that requires grad, and records (t, delta). After backward, delta.grad = dr/d(eps of that
-    call); it stays None when the call ran without a graph (torch.no_grad)."""
+    """Wraps an eps-predictor (x, t_vec) -> eps. Each call gives back the wrapped network's eps, unchanged in
+    value, and appends (t, a tensor) to self.calls such that, after the reward's backward pass, that tensor's
+    .grad is dr/d(eps of that call) (B, C, H, W), or None when the call ran without a graph (under no_grad)."""
 
     def __init__(self, model):
         self.model, self.calls = model, []
 
     def __call__(self, x, t):
-        eps = self.model(x, t)  # (B, C, H, W)
-        # TODO(student): delta = a zero tensor like eps that requires grad; record (int(t[0]), delta) in
-        # self.calls; return eps + delta
+        # TODO(student): the wrapped network's eps at (x, t), (B, C, H, W), the same values, and a record
+        # (the timestep as an int, the tensor whose gradient after backward is dr/d eps of this very call).
+        # Measure that gradient without changing it: the eps you give back must carry the network's own graph
         raise NotImplementedError("exercise 4: Probe.__call__")
 
 
 def gradient_reach(chain, model, x_T):
-    """Run x_0 = chain(probed model, x_T), backpropagate the reward r = sum(x_0) and return
-    (the timesteps whose eps received a nonzero gradient, descending; whether x_T received one)."""
-    probe = Probe(model)
-    x_T = x_T.detach().clone().requires_grad_(True)  # (B, C, H, W) a leaf we can ask for its gradient
-    # TODO(student): x_0 = chain(probe, x_T); if x_0 has no graph at all, return [], False
-    # TODO(student): backpropagate r = x_0.sum(); a call is reached when its delta.grad exists and is not
-    # all zero (a timestep called twice counts once); the same test for x_T.grad
+    """Run the chain on the probed model from x_T, backpropagate the reward r (the sum of x_0's values), and give back
+    (the timesteps whose eps received a nonzero gradient, descending, each once; whether x_T received one)."""
+    # TODO(student): a pair (list of ints, bool). x_T as given may be anything (no gradient, or part of another
+    # graph): measure on a copy that can receive a gradient of its own. A call, or x_T, counts as reached only
+    # when a gradient exists and is not all zero; a chain that ran entirely without a graph reaches nothing
     raise NotImplementedError("exercise 4: gradient_reach")
 
 

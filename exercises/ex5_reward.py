@@ -9,8 +9,10 @@ import torch
 
 
 def contrast(x):
-    """RMS contrast (Peli 1990): the standard deviation of each image's gray level g = mean over the
-    channels of (x + 1) / 2, in [0, 1]: r = sqrt(mean_{H,W} (g - mean g)^2 + 1e-8). The 1e-8 keeps the
-    gradient finite on a flat image (d sqrt(v)/dv is infinite at v = 0). In [0, 0.5] for x in [-1, 1]."""
-    # TODO(student): g (B, H, W), then each image's own mean and variance over its pixels, then r (B,)
+    """RMS contrast (Peli 1990) of each image: the standard deviation, over the image's own H x W pixels, of
+    its gray level (the mean of its channels, rescaled from [-1, 1] to [0, 1]), with 1e-8 added to the
+    variance under the square root. In [0, 0.5] for x in [-1, 1]."""
+    # TODO(student): one reward per image, shape (B,), in the rewards.py convention. Each image is measured
+    # against its own mean, never the batch's; the variance is the population one (divide by H W); the 1e-8
+    # keeps the gradient finite on a flat image, where the square root's derivative is infinite
     raise NotImplementedError("exercise 5: contrast")

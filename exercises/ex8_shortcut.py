@@ -10,7 +10,7 @@ chain's point at the edge, for the distilled student and for the naive jump.
 Fill in the gaps marked TODO(student) and write your PREDICTION first, then:
 
     python -m pytest exercises/check_ex8_shortcut.py     # is the measurement right? (seconds)
-    python -m exercises.ex8_shortcut                     # the experiment (under a minute on a laptop CPU)
+    python -m exercises.ex8_shortcut                     # the experiment (about a minute on a laptop CPU)
 """
 
 import torch
@@ -23,18 +23,21 @@ from consistency import jump
 PREDICTION = ""
 
 
-def real_chain(base, sched, x_t, t, s, steps):
-    """The base model's real DDIM steps (eta = 0) from timestep t down to s along the chain `steps`
-    (both t and s on it, or s = -1 for x_0): len(steps between t and s) network calls."""
-    # TODO(student): from x_t, one ddpm.ddim_step per timestep of `steps` from t on (the base's eps at that
-    # timestep, as a (B,) long tensor), until the step that lands on s; return that x_s
+def real_chain(base, sched, x_t, t, s, timesteps):
+    """The base model's real DDIM steps (Song et al. 2021, Eq. 12, eta 0) from timestep t down to s along the
+    descending chain `timesteps` (t on it; s on it, or -1 for x_0): what the shortcut t -> s stands in for."""
+    # TODO(student): x_s, shape (B, C, H, W): one base call and one DDIM step per timestep of the chain from t
+    # down to the last one above s, each step landing on the chain's next timestep (the last one on s). The
+    # network is called as the samplers call it, with a (B,) long tensor of the timestep
     raise NotImplementedError("exercise 8: real_chain")
 
 
-def span_error(jumper, base, sched, x_t, t, s, steps):
-    """Per sample (B,): the mean squared distance, over the C x H x W values, between one jump of
-    `jumper` from t to s (consistency.jump) and the base model's real chain from the same x_t to s."""
-    # TODO(student): the jump and the real chain from the same x_t; their squared distance, averaged per sample
+def span_error(jumper, base, sched, x_t, t, s, timesteps):
+    """Per sample (B,): the mean squared distance, over the C x H x W values, between where the shortcut
+    S(x_t, t -> s) of `jumper` lands (PAPER.md Sec. 4, item 2; the jump of consistency.py) and where the base
+    model's real chain from the same x_t lands at s."""
+    # TODO(student): a (B,) tensor, one error per noise (the experiment bootstraps over them): 0 for a jumper
+    # that preserves the base's trajectory exactly. Which network jumps and which one draws the target matters
     raise NotImplementedError("exercise 8: span_error")
 
 
@@ -44,7 +47,7 @@ def experiment(quick=False):
 
     lab.show_prediction(PREDICTION)
     clock, L = lab.Clock(), lab.load()
-    x = lab.noise(2 if quick else 16, seed=0)
+    x = lab.noise(2 if quick else 24, seed=0)
     spans = [(g[0], g[-1]) for g in L.groups[1:]]  # the ShortFT chain's jumps: 741 -> 501, 481 -> 261, 241 -> 1
     starts, i = {}, 0  # the base model's own chain, stopped at each span's start
     for t, s in [(L.steps[0], L.groups[0][-1])] + spans:  # 981 -> 761, then one base step, then a span, ...

@@ -25,20 +25,36 @@ PREDICTION = ""
 
 
 def class_matched_fd(feats, pred, real_feats, real_labels):
-    """The Fréchet distance between N(mu, Sigma) of the samples' features (N, D) and the real images'
-    features taken in the samples' class mix: the mixture of the real classes c with weights w_c = the
-    fraction of samples the judge puts in class c (pred, (N,)). Population moments throughout:
-    mu_ref = sum_c w_c mu_c,  Sigma_ref = sum_c w_c (Sigma_c + mu_c mu_c^T) - mu_ref mu_ref^T."""
-    # TODO(student): w = the samples' class mix; the mixture's mean and covariance from each real class's
-    # mean and population covariance (np.cov(..., bias=True)); return frechet_distance(...) of the two Gaussians
+    """The Fréchet distance (Heusel et al. 2017; sftlib/fid.py's frechet_distance) between the Gaussian of the
+    samples' features (N, D) and the Gaussian of the real images' features taken in the samples' class mix:
+    the mixture of the real classes, each weighted by the fraction of samples the judge puts in it (pred, (N,)).
+    Population moments throughout (divide by the number of vectors, not one less)."""
+    # TODO(student): a float. The reference is a mixture, not one class: its mean and covariance follow from
+    # each real class's own mean and covariance and the weights (the covariance keeps the spread between the
+    # class means). Samples that are exactly real images of one class score 0 against that class
     raise NotImplementedError("exercise 9: class_matched_fd")
 
 
 def diversity(feats):
-    """The mean Euclidean distance between the features of two different samples (N >= 2): 0 when every
+    """The mean Euclidean distance between the features (N, D) of two different samples (N >= 2): 0 when every
     sample is the same image."""
-    # TODO(student): the mean of the pairwise distances over the N (N - 1) ordered pairs of different samples
+    # TODO(student): a float, the average over every pair of two different samples (a sample is never paired
+    # with itself, whose distance 0 would pull a small set's diversity down); twice the features, twice the value
     raise NotImplementedError("exercise 9: diversity")
+
+
+def matched_diversity(feats, pred, real_feats, real_labels):
+    """The project's diversity, class-matched (sftlib/metrics.py's diversity_matched, with the mixture's moments
+    instead of a resampled set): tr Sigma of the samples' features over tr Sigma of the real images' taken in the
+    samples' class mix (weights w_c), tr Sigma_ref = sum_c w_c (tr Sigma_c + |mu_c|^2) - |sum_c w_c mu_c|^2.
+    About 1 for real images of those classes, 0 when every sample is the same image."""
+    w = np.bincount(pred, minlength=int(real_labels.max()) + 1) / pred.size  # (C,) the samples' class mix
+    mu_ref, second = 0.0, 0.0
+    for c in np.flatnonzero(w):
+        f = real_feats[real_labels == c]  # (n_c, D)
+        mu_ref = mu_ref + w[c] * f.mean(0)
+        second = second + w[c] * float((f ** 2).sum(1).mean())  # E |f|^2 of class c
+    return float(np.trace(np.cov(feats, rowvar=False, bias=True)) / (second - float(mu_ref @ mu_ref)))
 
 
 def experiment(quick=False, lr=1e-2, steps=30, batch=4, n_eval=16):
@@ -58,15 +74,20 @@ def experiment(quick=False, lr=1e-2, steps=30, batch=4, n_eval=16):
     x_eval = lab.noise(n_eval, seed=1)
 
     def judged(x0):
+        """Per sample: p(ship) under the reward classifier, the judge's features and verdict."""
         feats, pred = lab.judge(L, x0)
-        return dict(reward=float(L.reward(x0).exp().mean()), judge=float((pred == lab.TARGET).mean()),
-                    fd=class_matched_fd(feats, pred, real_feats, real_labels),
-                    fd_all=frechet_distance(feats.mean(0), np.cov(feats, rowvar=False, bias=True),
-                                            real_feats.mean(0), np.cov(real_feats, rowvar=False, bias=True)),
-                    diversity=diversity(feats))
+        return dict(p=L.reward(x0).exp().numpy(), feats=feats, pred=pred)
+
+    def metrics(j, idx):
+        f, pred = j["feats"][idx], j["pred"][idx]
+        return [float(j["p"][idx].mean()), float((pred == lab.TARGET).mean()),
+                class_matched_fd(f, pred, real_feats, real_labels),
+                frechet_distance(f.mean(0), np.cov(f, rowvar=False, bias=True),
+                                 real_feats.mean(0), np.cov(real_feats, rowvar=False, bias=True)),
+                diversity(f), matched_diversity(f, pred, real_feats, real_labels)]
 
     before = lab.sample(ft, L, x_eval)
-    rows = [("before", judged(before))]
+    j_before = judged(before)
     print(f"fine-tuning for ship: ShortFT chain, lr {lr:g}, {steps} steps of batch {batch} ({clock} so far)")
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):
@@ -78,13 +99,25 @@ def experiment(quick=False, lr=1e-2, steps=30, batch=4, n_eval=16):
         if (step + 1) % 10 == 0 or step + 1 == steps:
             print(f"  step {step + 1}: training-chain reward p(ship) {float(L.reward(x0).detach().exp().mean()):.2f} ({clock})")
     after = lab.sample(ft, L, x_eval)
-    rows.append(("after", judged(after)))
-    print(f"\n{len(x_eval)} DDIM-50 samples from the same noises; real test images: {len(real_feats)} "
-          f"(diversity of real ships {diversity(ships):.2f}, of all real images {diversity(real_feats):.2f})")
-    print(f"{'':8s} {'reward p(ship)':>14s} {'judge: ships':>12s} {'FD, class-matched':>17s} {'FD, all real':>12s} "
-          f"{'diversity':>9s}")
-    for name, m in rows:
-        print(f"{name:8s} {m['reward']:14.2f} {m['judge']:12.2f} {m['fd']:17.1f} {m['fd_all']:12.1f} {m['diversity']:9.2f}")
+    j_after = judged(after)
+    everyone = np.arange(n_eval)
+    rows = [metrics(j_before, everyone), metrics(j_after, everyone)]
+    rng = np.random.default_rng(0)  # the paired bootstrap: the same resampled noises before and after
+    boots = np.array([np.subtract(metrics(j_after, i), metrics(j_before, i))
+                      for i in (rng.integers(0, n_eval, n_eval) for _ in range(100 if quick else 200))])
+    lo, hi = np.nanpercentile(boots, [2.5, 97.5], axis=0)
+    print(f"\n{n_eval} DDIM-50 samples from the same noises, judged by the held-out evaluator against {len(real_feats)} "
+          f"real test images; change: after - before [95 % paired bootstrap interval over the {n_eval} noises; one "
+          f"training seed]")
+    print(f"real images: mean pairwise distance {diversity(ships):.2f} between ships, {diversity(real_feats):.2f} between "
+          f"all (class-matched diversity of real images: 1)")
+    names = ["reward p(ship)", "judge: ships", "FD, class-matched", "FD, all real", "pairwise distance",
+             "diversity, matched"]
+    print(f"{'':8s} " + " ".join(f"{c:>22s}" for c in names))
+    for name, m in (("before", rows[0]), ("after", rows[1])):
+        print(f"{name:8s} " + " ".join(f"{v:22.2f}" for v in m))
+    print(f"{'change':8s} " + " ".join(f"{f'{a - b:+.2f} [{l:+.2f}, {h:+.2f}]':>22s}"
+                                       for a, b, l, h in zip(rows[1], rows[0], lo, hi)))
     path = os.path.join(lab.OUT, "ex9_before_after.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torchvision.utils.save_image((torch.cat([before[:8], after[:8]]) + 1) / 2, path, nrow=8)

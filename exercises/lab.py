@@ -6,7 +6,7 @@ do not edit it.
     ft = finetunable(lab)                # the base with T-LoRA, as the ShortFT stage builds it
     x0 = sample(ft_or_base, lab, x_T)    # DDIM-50, no graph
 
-The experiments run on a laptop CPU in about two minutes each (timed in exercises/README.md).
+The experiments run on one CPU core in one to three minutes each (timed in exercises/README.md).
 """
 import os
 import sys
@@ -128,6 +128,25 @@ def bootstrap(values, n_boot=2000, seed=0):
     return float(v.mean()), [float(x) for x in np.percentile(means, [2.5, 97.5])]
 
 
+def mean_ci(values, digits=3, sign=False):
+    """ "mean [2.5 %, 97.5 %]" of per-noise (or per-seed) values, the interval a percentile bootstrap over them
+    (bootstrap): the form every experiment prints its numbers in."""
+    m, (lo, hi) = bootstrap(values)
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return f"{f.format(m)} [{f.format(lo)}, {f.format(hi)}]"
+
+
+def flat(grads, params):
+    """One vector of a gradient list (None, for a parameter the reward does not reach: zeros)."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+def cos(a, b):
+    """cos(a, b) of two tensors, flattened (0 if either is zero)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return float(torch.dot(a, b) / (a.norm() * b.norm()).clamp(min=1e-30))
+
+
 class Clock:
     """Seconds since it was made, for the experiments' own timing lines."""
 
@@ -138,13 +157,28 @@ class Clock:
         return f"{time.time() - self.t0:.0f} s"
 
 
+def quick_flag(argv=None):
+    """The command line of an experiment: nothing, or --quick (fewer noises and steps); --help says so; anything
+    else is a one-line error and exit code 2, not silently ignored."""
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print("usage: python -m exercises.exN_... [--quick]   (--quick: fewer noises and steps, to try your code)")
+        sys.exit(0)
+    unknown = [a for a in args if a != "--quick"]
+    if unknown:
+        print(f"error: unknown option {unknown[0]!r}: an experiment takes only --quick", file=sys.stderr)
+        sys.exit(2)
+    return "--quick" in args
+
+
 def run(experiment):
     """`python -m exercises.exN_...` [--quick]: the experiment, with a one-line error (not a traceback) for
-    what the user can fix, such as a missing CIFAR-10 folder or checkpoint."""
+    what the user can fix, such as a missing CIFAR-10 folder or checkpoint, or an unknown option."""
     from sftlib.common import UserError, raised_by_a_concept
 
+    quick = quick_flag()
     try:
-        experiment(quick="--quick" in sys.argv)
+        experiment(quick=quick)
     except (UserError, ValueError) as e:  # ValueError: a concept function's argument outside its domain
         if not isinstance(e, UserError) and not raised_by_a_concept(e):
             raise

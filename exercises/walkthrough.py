@@ -8,7 +8,6 @@ pictures go to out/lab/walkthrough/ ($SHORTFT_LAB_OUT/walkthrough).
 Read it top to bottom next to PAPER.md; every number it prints is measured here, now.
 """
 import os
-import sys
 import time
 
 import torch
@@ -152,4 +151,4 @@ def main(quick=False):
 
 
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)
+    main(quick=lab.quick_flag())

@@ -12,12 +12,7 @@ import sys
 import numpy as np
 import torch
 
-
-class UserError(Exception):
-    """A problem with the user's input: every entry point prints it as one line and exits with code 2.
-    The concept files (ddpm.py, shortft.py, ...) import nothing from here and raise plain ValueError for
-    arguments outside their equations' domain; run_main prints those as one line too. (Not a ValueError
-    itself: argparse would swallow it in a type conversion and print its own message instead.)"""
+from sftlib.errors import UserError  # noqa: F401 (re-exported: every entry point imports it from here)
 
 
 def run_main(main):
@@ -63,9 +58,10 @@ def os_error_line(e, path=None):
 
 
 def pick_device(name="auto"):
+    """The torch.device that --device names (auto: cuda -> mps -> cpu), with CUDA's fast paths on (fast_device)."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return fast_device(torch.device("cuda"))
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -75,7 +71,7 @@ def pick_device(name="auto"):
         raise UserError("--device=cuda but CUDA is not available here")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("--device=mps but MPS is not available here")
-    return torch.device(name)
+    return fast_device(torch.device(name))
 
 
 def seed_all(seed):
@@ -197,12 +193,14 @@ def load_checkpoint(path, kind, keys=None):
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this project")
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    if ckpt["kind"] not in kinds:
+    if not isinstance(ckpt["kind"], str) or ckpt["kind"] not in kinds:
         raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, expected {' or '.join(map(repr, kinds))}")
     missing = [k for k in (CKPT_KEYS.get(ckpt["kind"], ()) if keys is None else keys) if k not in ckpt]
     if missing or not isinstance(ckpt.get("config", {}), dict):
         raise UserError(f"{path} is incomplete: it lacks {', '.join(missing) or 'a config'}")
-    return ckpt
+    from sftlib.readers import check_checkpoint  # its fields' types and ranges, and finite weights
+
+    return check_checkpoint(ckpt, path)
 
 
 def export_safetensors(state_dict, cfg, path, **meta):
@@ -217,20 +215,47 @@ def export_safetensors(state_dict, cfg, path, **meta):
 
 
 def read_safetensors(path):
-    """(state_dict, metadata with its JSON values decoded) of a file written by export_safetensors."""
-    from safetensors import safe_open
+    """(state_dict, metadata with its JSON values decoded) of a file written by export_safetensors, checked
+    (sftlib/readers.py): a torn file or wrong metadata is one UserError line."""
+    from sftlib.readers import read_safetensors as read
 
-    with safe_open(path, "pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+    return read(path)
 
 
 @torch.no_grad()  # the EMA is bookkeeping, not part of any graph
 def ema_update(ema, model, decay):
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p.detach(), 1 - decay)
-    for be, b in zip(ema.buffers(), model.buffers()):
-        be.copy_(b)
+    """ema <- decay ema + (1 - decay) model, every parameter at once (one multi-tensor kernel on a GPU, not one per
+    parameter); buffers are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+    buffers = list(ema.buffers())
+    if buffers:
+        torch._foreach_copy_(buffers, list(model.buffers()))
+
+
+def adam(params, lr):
+    """torch.optim.Adam with its fused kernel (one kernel for every parameter, its step counter on the device)
+    where the parameters' device has one (CUDA, CPU), else the multi-tensor one."""
+    params = list(params)
+    kinds = {p.device.type for p in params}
+    fused = bool(params) and kinds <= {"cuda", "cpu"} and all(p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None, foreach=None if fused else True)
+
+
+def memory_format(cfg, device):
+    """The UNet's weight layout: channels_last (NHWC, what cuDNN's fastest bf16 convolutions take) with
+    --channels_last on CUDA, else as built. A convolution follows its weight's layout, so the activations
+    become NHWC after the first one."""
+    return torch.channels_last if cfg.get("channels_last") and device.type == "cuda" else torch.preserve_format
+
+
+def fast_device(device):
+    """CUDA's fast paths for this project's fixed-shape loops: cuDNN picks the fastest convolution per shape once,
+    and float32 matrix products may use TF32 (bf16 autocast, --bf16, goes further)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
 
 
 def to_uint8(x):
@@ -262,8 +287,9 @@ def open_log(out, header, fresh, keep_upto=None):
     path = os.path.join(out, "log.csv")
     fresh = fresh or not os.path.exists(path)
     if not fresh and keep_upto is not None:
-        with open(path) as f:
-            rows = f.read().splitlines()
+        from sftlib.readers import read_text
+
+        rows = read_text(path, "log").splitlines()  # not UTF-8 or binary: one line
         keep = [r for r in rows[1:] if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= keep_upto]
         write_text(path, "\n".join(rows[:1] + keep) + "\n")
     log = open(path, "w" if fresh else "a")

@@ -1,7 +1,8 @@
 """One flat, typed configuration (in the style of nanoGPT's configurator), read by argparse.
 
 DEFAULTS *are* the CPU run: reading them tells you exactly what `python train_toy.py` does on a
-laptop. PRESETS["gpu"] overrides a few of them for the real run. `--key=value` (or `--key value`)
+laptop. PRESETS["gpu"] overrides a few of them for the 8-minute run on one GPU (PRESETS["gpu_long"]: the 35.7M
+UNet of Ho et al. 2020, for users with an hour). `--key=value` (or `--key value`)
 on the command line overrides both; the type of each value is the type of its default, an unknown
 key is an error (with a "did you mean"), and `--help` lists every key with its type, default and
 the comment beside it here. Keys carry their stage as prefix: ddpm_*, shortcut_*, cls_*, ft_*.
@@ -16,12 +17,12 @@ import re
 from baselines import METHODS
 from ddpm import N_CHAIN
 from rewards import parse_reward_spec
-from sftlib.common import UserError
+from sftlib.errors import UserError
 
 DEFAULTS = dict(
     # --- run ---
     model="toy",  # toy: the CIFAR-10 pipeline below | sd15: Stable Diffusion 1.5 (train_sd.py; --model=sd15 --help lists its keys)
-    preset="auto",  # auto | cpu | gpu | quick  (auto: gpu when CUDA is available, else cpu; quick: the shipped checkpoints, then ShortFT with a smaller evaluation, 5 min on 2 free CPU cores)
+    preset="auto",  # auto | cpu | gpu | gpu_long | quick  (auto: gpu when CUDA is available, else cpu; gpu: 8 min on one H100/H200; gpu_long: Ho et al.'s 35.7M UNet, about an hour; quick: the shipped checkpoints, then ShortFT with a smaller evaluation, 5 min on 2 free CPU cores)
     device="auto",  # auto | cuda | mps | cpu  (auto: cuda -> mps -> cpu)
     stages="all",  # which pipeline stages to run: all, or a comma list (e.g. ddpm)
     out_dir="out",  # every stage writes under here: out/ddpm/ckpt.pt, out/ddpm/samples_*.png, ...
@@ -30,7 +31,8 @@ DEFAULTS = dict(
     seed=0,
     resume=False,  # continue a killed stage from its checkpoint
     pretrained=False,  # start from the shipped classroom checkpoints (checkpoints/): the pipeline goes straight to ShortFT
-    bf16=False,  # bf16 autocast (CUDA only)
+    bf16=False,  # bf16 autocast (CUDA only): training, sampling and the fine-tuning chains (rewards and losses in fp32)
+    channels_last=False,  # the UNet's weights and activations in NHWC (CUDA only), what cuDNN's fast bf16 convolutions take
     compile=False,  # torch.compile the UNet (CUDA only)
     log_every=25,  # progress bar and log.csv: a row every this many steps
     sample_every=300,  # ddpm and shortcut stages: a sample grid from fixed noise every this many steps
@@ -48,6 +50,7 @@ DEFAULTS = dict(
     dropout=0.0,
     # --- DDPM training (train_ddpm.py) ---
     ddpm_steps=1700,  # about 10 minutes on 2 CPU cores (the recipe ablation: docs/results.md, appendix)
+    ddpm_seconds=0.0,  # > 0: also stop after this many seconds of training, whichever comes first (the gpu preset's budget)
     ddpm_batch=64,
     ddpm_lr=1e-3,
     ddpm_warmup=100,  # linear lr warmup steps (Ho et al. 2020 use 5000 at full scale)
@@ -72,6 +75,7 @@ DEFAULTS = dict(
     # --- the shortcut: consistency distillation (train_shortcut.py, consistency.py) ---
     k_segments=4,  # segments of the DDIM-50 chain; edges at their last timesteps (k=4: 761, 501, 261, 1)
     shortcut_steps=300,
+    shortcut_seconds=0.0,  # > 0: also stop after this many seconds of training, whichever comes first
     shortcut_batch=64,
     shortcut_lr=1e-3,
     shortcut_grad_clip=1.0,
@@ -118,10 +122,24 @@ DEFAULTS = dict(
 
 PRESETS = {
     "cpu": {},
+    # The whole pipeline on one GPU in 8 minutes, the 10k-sample FID of the base and the fine-tuned model included.
+    # The DDPM and the shortcut train for a time (seconds, at whatever rate the card gives); the rest in steps.
+    # The UNet is Ho et al.'s layout at half the width (8.95M parameters, 3.0 GFLOP per image forward instead of
+    # 12.1): at a fixed time, images seen x quality beats parameter count. Keeps the CPU preset's eps skip and slow
+    # CD target (both made for briefly trained bases). Stage times are predicted from measured H200 rates
+    # (`python benchmarks/gpu.py --predict=benchmarks/results/gpu_h200.json`), not yet measured end to end.
+    "gpu": dict(ch=64, ch_mult="1,2,2,2", num_res_blocks=2, attn_res="16", dropout=0.0, bf16=True, channels_last=True,
+                ddpm_steps=1000000, ddpm_seconds=180.0, ddpm_batch=256, ddpm_lr=8e-4, ddpm_warmup=200,
+                log_every=100, sample_every=1000000, ddpm_ckpt_every=1000, sample_batch=1000,
+                shortcut_steps=1000000, shortcut_seconds=40.0, shortcut_batch=256, shortcut_lr=2e-4, shortcut_ema=0.995,
+                shortcut_ckpt_every=500,
+                classifier_width=32, evaluator_width=32, classifier_steps=1500, evaluator_steps=1500, judge_steps=1000,
+                cls_batch=512, cls_lr=0.4, cls_ckpt_every=500,
+                ft_steps=80, ft_batch=32, lora_rank=8, lora_alpha=8.0, n_eval=2000, fid_n=10000, ft_ckpt_every=40),
     # The DDPM of Ho et al. 2020 for CIFAR-10 (35.7M parameters), in bf16, sized from measured step rates
-    # (benchmarks/gpu.py on an H200; docs/results.md): a prediction from measured rates, not a measured run.
+    # (benchmarks/gpu.py on an H200; docs/results.md): predicted at 69 min, not measured end to end.
     # It keeps the plain eps-prediction and the stop-grad target it was measured with.
-    "gpu": dict(ch=128, ch_mult="1,2,2,2", num_res_blocks=2, attn_res="16", dropout=0.1, bf16=True, eps_skip=False,
+    "gpu_long": dict(ch=128, ch_mult="1,2,2,2", num_res_blocks=2, attn_res="16", dropout=0.1, bf16=True, eps_skip=False,
                 cd_target_ema=0.0,
                 ddpm_steps=12000, ddpm_batch=128, ddpm_lr=2e-4, ddpm_warmup=1000, ddpm_ema=0.9995,
                 log_every=100, sample_every=3000, ddpm_ckpt_every=2000, sample_batch=500,
@@ -138,6 +156,7 @@ PRESETS = {
 # evaluation: 128 DDIM-50 samples, 32 per network call (on a CPU, 256 per call costs twice as much per image).
 # Measured: 5.0 min on 2 free CPU cores, evaluation included (checkpoints/README.md). Any key still overrides it.
 PRESETS["quick"] = dict(pretrained=True, n_eval=128, sample_batch=32, ft_steps=60)
+PRESET_NAMES = ("auto", *PRESETS)
 
 SAMPLE_DEFAULTS = dict(  # keys of `python train_toy.py sample`
     ckpt="",  # a checkpoint of the ddpm, shortcut or shortft stage (e.g. out/ddpm/ckpt.pt), or a ddpm or shortcut .safetensors (e.g. checkpoints/ddpm.safetensors)
@@ -172,7 +191,8 @@ AT_LEAST_1 = ("ddpm_steps", "ddpm_batch", "ddpm_warmup", "ddpm_ckpt_every", "log
               "cls_batch", "cls_ckpt_every", "shortcut_steps", "shortcut_batch", "shortcut_ckpt_every",
               "ft_steps", "ft_batch", "lora_rank", "ft_ckpt_every", "lv_n", "grid_ddpm", "grid_shortcut",
               "grid_ft", "sample_batch", "fid_ref_n")
-AT_LEAST_0 = ("n_boot", "ddpm_min_snr", "n_train", "n_test", "seed", "cls_weight_decay", "alignprop_min", "fid_n")
+AT_LEAST_0 = ("n_boot", "ddpm_min_snr", "n_train", "n_test", "seed", "cls_weight_decay", "alignprop_min", "fid_n",
+              "ddpm_seconds", "shortcut_seconds")
 POSITIVE = ("ddpm_lr", "cls_lr", "shortcut_lr", "ft_lr", "ddpm_grad_clip", "shortcut_grad_clip", "ft_grad_clip",
             "lora_alpha", "ft_reward_scale", "beta_1")  # a clip <= 0 zeroes or reverses the gradient
 IN_0_1 = ("ddpm_ema", "shortcut_ema", "cd_target_ema", "teacher_chain_frac")  # probabilities and EMA rates
@@ -181,6 +201,14 @@ CHOICES = dict(device=("auto", "cuda", "mps", "cpu"), ddpm_lr_schedule=("constan
                ft_clip_grad=("hard", "straight_through"), cd_loss=("huber", "l2"), teacher_solver=("ddim", "heun"),
                method=METHODS)
 MAX_SEED = 2**32 - 1  # numpy's seeds
+# upper bounds of the sizes and counts: far above any useful value, below what would fail as an allocation
+BOUNDS = {**{k: 1 << 16 for k in ("ddpm_batch", "shortcut_batch", "cls_batch", "ft_batch", "sample_batch")},
+          **{k: 10**8 for k in ("ddpm_steps", "shortcut_steps", "classifier_steps", "evaluator_steps", "judge_steps",
+                                "ft_steps", "log_every", "sample_every", "ddpm_warmup", "ddpm_ckpt_every",
+                                "shortcut_ckpt_every", "cls_ckpt_every", "ft_ckpt_every")},
+          **{k: 1024 for k in ("classifier_width", "evaluator_width", "judge_width", "lora_rank", "grid_ddpm",
+                               "grid_shortcut", "grid_ft", "lv_n")},
+          "n_eval": 100000, "fid_n": 100000, "fid_ref_n": 100000, "n_boot": 100000, "n_train": 50000, "n_test": 10000}
 
 
 def check(cfg):
@@ -212,7 +240,8 @@ def check(cfg):
          "a comma list of 1 to 6 positive integers (32 px halves at most 5 times)")
     need(lambda v: _ints(v, empty=True) is not None, "attn_res", "a comma list of resolutions (integers)")
     need(lambda v: bool(str(v).strip()), "out_dir", "a folder (empty would write the stages into the working directory)")
-    for key, most in (("T", 10000), ("ch", 512), ("num_res_blocks", 8)):  # bounded: no allocation traceback
+    for key, most in (("T", 10000), ("ch", 512), ("num_res_blocks", 8), ("ddpm_seconds", 7 * 86400),
+                      ("shortcut_seconds", 7 * 86400), *BOUNDS.items()):  # bounded: no allocation traceback, no endless run
         need(lambda v: v <= most, key, f"at most {most}")
     mult = _ints(cfg.get("ch_mult", "1"))
     if mult is not None and "attn_res" in cfg and _ints(cfg["attn_res"], empty=True) is not None:

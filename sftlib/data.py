@@ -15,6 +15,7 @@ import torch
 
 from rewards import CLASSES  # CIFAR-10's class names, defined once beside the class reward
 from sftlib.common import UserError, atomic_path
+from sftlib.readers import read_image, read_npz
 
 
 
@@ -27,8 +28,6 @@ def _part(m, n, half):
 
 def _from_folder(split_dir, n, half=None):
     """Decode an ImageFolder split; with n > 0, the first n // 10 images of every class (of its half)."""
-    from PIL import Image
-
     classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
     if tuple(classes) != CLASSES:
         raise UserError(f"{split_dir} should hold the 10 CIFAR-10 class folders, found {len(classes)}: "
@@ -38,12 +37,7 @@ def _from_folder(split_dir, n, half=None):
         files = sorted(os.listdir(os.path.join(split_dir, c)))
         files = [files[i] for i in _part(len(files), n, half)]
         for f in files:
-            try:
-                with Image.open(os.path.join(split_dir, c, f)) as im:
-                    images.append(np.asarray(im.convert("RGB").resize((32, 32))))
-            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for a truncated or non-image file
-                raise UserError(f"could not decode {os.path.join(split_dir, c, f)} ({type(e).__name__}): remove "
-                                f"it or pass --data_root=PATH to a clean copy") from None
+            images.append(read_image(os.path.join(split_dir, c, f), 32))  # a bad file or a bomb: one line
         labels += [y] * len(files)
     if not images:
         raise UserError(f"no images under {split_dir}: pass --data_root=PATH to a CIFAR-10 folder")
@@ -77,9 +71,13 @@ def load_cifar10(root, split="train", n=0, cache_dir=None, half=None):
         part = "" if half is None else f"_half{half}"  # the whole split keeps its old cache name
         tag = hashlib.sha1(f"{os.path.abspath(root)}|{split}|{n}{part}".encode()).hexdigest()[:10]
         cache = os.path.join(cache_dir, f"cifar10_{split}_{n}{part}_{tag}.npz")
-        if os.path.isfile(cache):
-            with np.load(cache) as f:
-                return torch.from_numpy(f["x"]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(f["y"]).long()
+        if os.path.isfile(cache):  # torn or wrong: one line, delete it to decode the images again
+            f = read_npz(cache, {"x": ("u", (None, 32, 32, 3)), "y": ("iu", (None,))}, "data cache",
+                         "delete it to decode the images again")
+            if len(f["x"]) != len(f["y"]) or len(f["y"]) == 0 or f["y"].min() < 0 or f["y"].max() >= len(CLASSES):
+                raise UserError(f"{cache}: {len(f['x'])} images but {len(f['y'])} labels, or labels outside "
+                                f"[0, {len(CLASSES)}): delete it to decode the images again")
+            return torch.from_numpy(f["x"]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(f["y"]).long()
     split_dir = os.path.join(root, split)
     if os.path.isdir(split_dir):
         x, y = _from_folder(split_dir, n, half)

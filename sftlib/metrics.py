@@ -37,7 +37,9 @@ from sftlib.models import load_reward
 from sftlib.data import CLASSES, load_cifar10
 from sftlib.fid import fid_from_features as _fd, frechet_distance, gaussian_stats  # the Fréchet distance of any features (FID's formula)
 from sftlib.nets import load_classifier, net_outputs  # net_outputs: features and log p of any of the three nets
+from sftlib.readers import checked_stats, npz_names, read_npz
 
+# what <out_dir>/evaluator/real_stats.npz (and judge/real_stats.npz) hold: (dtype kinds, shape), None any length
 FD_NAME = "evaluator-feature Fréchet distance (not comparable to published FID)"
 N_FLOOR = 10000  # real training images in the floor (the test split has 10k too)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,9 +60,8 @@ def real_stats(out_dir, device):
     features of N_FLOOR training images (for floors at any sample count) and the floor itself."""
     path = os.path.join(out_dir, "evaluator", "real_stats.npz")
     if os.path.isfile(path):
-        with np.load(path) as f:
-            if "feats_test" in f.files:  # an older cache lacks the per-image features: computed anew
-                return {k: f[k] for k in f.files}
+        if "feats_test" in (npz_names(path) or ("feats_test",)):  # an older cache lacks them: computed anew
+            return checked_stats(path)
     net, cfg = _evaluator(out_dir, device)
     cache = os.path.join(out_dir, "cache")
     x_test, y_test = load_cifar10(cfg["data_root"], "test", cfg["n_test"], cache)  # (N, 3, 32, 32) uint8
@@ -92,15 +93,7 @@ def load_samples(path):
     """The 'images' array of a .npz written by `train_toy.py sample`, checked."""
     if not os.path.isfile(path):
         raise UserError(f"samples file not found: {path!r} (pass --samples=FILE.npz)")
-    try:
-        with np.load(path) as f:
-            if not isinstance(f, np.lib.npyio.NpzFile):
-                raise ValueError("not an .npz archive")
-            if "images" not in f.files:
-                raise UserError(f"{path} has no 'images' array (it has {', '.join(f.files) or 'nothing'})")
-            images = f["images"]
-    except (ValueError, OSError, EOFError, AttributeError, TypeError) as e:  # empty, .npy, not a zip
-        raise UserError(f"could not read {path} as .npz ({type(e).__name__})") from None
+    images = read_npz(path, {"images": ("u", (None, 32, 32, 3))}, "samples file")["images"]  # torn, pickled: one line
     check_samples(images)
     return images
 
@@ -223,17 +216,20 @@ def evaluate_samples(images, out_dir, device, target=None, reward=None, fid=Fals
 
 
 @torch.no_grad()  # evaluation samples: no graph
-def ddim50(model, sched, x_T, batch=256):
-    """DDIM-50 samples of `model` from the noise x_T (N, 3, 32, 32), `batch` images per network call."""
+def ddim50(model, sched, x_T, batch=256, bf16=False):
+    """DDIM-50 samples of `model` from the noise x_T (N, 3, 32, 32), `batch` images per network call; bf16: the
+    network in bf16 autocast on CUDA (the chain itself, x_t, stays float32)."""
     steps = ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN)
-    return torch.cat([ddpm.ddim_sample(model, sched, x_T[i:i + batch], steps) for i in range(0, len(x_T), batch)])
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and x_T.device.type == "cuda"):
+        return torch.cat([ddpm.ddim_sample(model, sched, x_T[i:i + batch], steps).float()
+                          for i in range(0, len(x_T), batch)])
 
 
 def evaluate_model(model, sched, x_T, cfg, device, fid_n=0):
     """Held-out scores (evaluate_samples) of the DDIM-50 samples of `model` from the fixed noise x_T, with
     cfg's reward and its target class; fid_n > 0: Inception FID and KID first, of fid_n samples (x_T's,
     then more fixed noise). Returns (scores, samples)."""
-    x0 = ddim50(model, sched, x_T, cfg["sample_batch"])
+    x0 = ddim50(model, sched, x_T, cfg["sample_batch"], cfg.get("bf16", False))
     target = re.search(r"classifier:(\w+)", cfg["reward"])
     m = evaluate_samples(to_uint8(x0), cfg["out_dir"], device, target=target.group(1) if target else None,
                          reward=cfg["reward"])
@@ -242,7 +238,7 @@ def evaluate_model(model, sched, x_T, cfg, device, fid_n=0):
         if fid_n > len(x0):  # more DDIM-50 samples, of fixed noise too
             g = torch.Generator().manual_seed(8765)
             x_more = torch.randn(fid_n - len(x0), 3, 32, 32, generator=g).to(x_T.device)
-            x_fid = torch.cat([x0, ddim50(model, sched, x_more, cfg["sample_batch"])])
+            x_fid = torch.cat([x0, ddim50(model, sched, x_more, cfg["sample_batch"], cfg.get("bf16", False))])
         m = {**inception_metrics(to_uint8(x_fid), cfg["out_dir"], device, ref_n=cfg["fid_ref_n"]), **m}
     return m, x0
 
@@ -348,6 +344,7 @@ def run_eval(args):
     opts = dict(config.EVAL_DEFAULTS)
     opts.update(config.parse_overrides(args, config.EVAL_DEFAULTS, prog="train_toy.py eval",
                                        description=run_eval.__doc__, source=config.__file__))
+    config.check({k: opts[k] for k in ("n_boot", "fid_ref_n", "device")})  # e.g. a negative --n_boot: one line
     if opts["target"]:
         class_index(opts["target"])  # check the cheap things first: a typo fails in a second
     if opts["reward"]:

@@ -11,7 +11,8 @@ directly (load_unet)."""
 import os
 import shutil
 
-from sftlib.common import UserError, atomic_path, file_sha256, read_safetensors, save_atomic
+from sftlib.common import UserError, atomic_path, file_sha256, save_atomic
+from sftlib.readers import NUMBER, check_schema, read_safetensors
 from sftlib.stage import LEGACY
 
 FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
@@ -30,6 +31,9 @@ TRAINING_KEYS = {"ddpm": ("ddpm_", "sample_every", "grid_ddpm"),
                  "classifier": ("cls_",), "evaluator": (), "judge": ()}  # cls_*: the classifier's and evaluator's run
 # (the judge was trained later with the CPU preset's cls_*, which its own config records: checkpoints/README.md)
 # the current run's own: where it reads and writes (never the folders of the run that trained them)
+# what the metadata of a file of each kind must hold to be installed or sampled (beyond kind and config)
+SHIPPED_META = {"classifier": {"arch": dict, "test_acc": NUMBER}, "evaluator": {"arch": dict, "test_acc": NUMBER},
+                "judge": {"arch": dict, "test_acc": NUMBER}}
 RUN_KEYS = ("out_dir", "data_root", "device", "resume", "stages", "preset", "seed", "n_train", "n_test")
 
 
@@ -39,7 +43,8 @@ def read(stage, folder=FOLDER):
     if not os.path.isfile(path):
         raise UserError(f"--pretrained needs {path}, which ships with the repository: "
                         f"restore it with git checkout -- checkpoints/")
-    return read_file(path, stage)
+    state, meta = read_file(path, stage)
+    return state, check_schema(meta, {"step": int, "elapsed": NUMBER}, path, "metadata")  # what install() records
 
 
 def read_file(path, kinds):
@@ -48,12 +53,8 @@ def read_file(path, kinds):
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
-    try:
-        state, meta = read_safetensors(path)
-    except Exception as e:  # a torn or foreign file
-        raise UserError(f"could not read {path} ({type(e).__name__}): is it corrupt?") from None
-    if meta.get("kind") not in kinds:
-        raise UserError(f"{path} holds a {meta.get('kind')!r}, not a {' or '.join(map(repr, kinds))}")
+    state, meta = read_safetensors(path, kinds)  # torn, foreign or wrong metadata: one line (sftlib/readers.py)
+    check_schema(meta, SHIPPED_META.get(meta["kind"], {}), path, "metadata")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, meta
 
 

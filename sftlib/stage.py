@@ -9,7 +9,7 @@ a progress bar and a CSV log. The loop itself stays written out in the stage's o
     stage.start(step)                     # the bar and <out_dir>/<stage>/log.csv
     while step < steps:
         ...                               # one training step
-        stage.tick(step, batch_size, "ddpm_lr", cfg["log_every"], loss=loss.item())  # log.csv: running means
+        stage.tick(step, batch_size, "ddpm_lr", cfg["log_every"], loss=loss)  # log.csv: running means
         if stage.due(step, every):
             stage.save(step=step, model=...)
     stage.close()
@@ -26,6 +26,7 @@ from tqdm import tqdm
 from sftlib import config
 from sftlib.common import (CKPT_KEYS, UserError, load_checkpoint, open_log, pick_device, remove_stale_temps, rng_state,
                            run_main, save_atomic, seed_all)
+from sftlib.readers import read_csv
 
 # What --resume means: the run goes on with the config stored in its checkpoint. A key typed on the
 # command line that differs from it is an error, except these, which may change on resume: the
@@ -34,9 +35,15 @@ RESUME_MAY_CHANGE = ("ddpm_steps", "shortcut_steps", "classifier_steps", "evalua
                      "ddpm_lr", "shortcut_lr", "cls_lr", "ft_lr", "log_every", "sample_every", "ddpm_ckpt_every",
                      "shortcut_ckpt_every", "cls_ckpt_every", "ft_ckpt_every", "bf16", "compile",
                      "resume", "device", "stages", "preset", "out_dir", "data_root", "grid_ddpm", "grid_shortcut",
-                     "grid_ft", "sample_batch", "fid_n", "fid_ref_n", "pretrained")
+                     "grid_ft", "sample_batch", "fid_n", "fid_ref_n", "pretrained", "ddpm_seconds", "shortcut_seconds",
+                     "channels_last")
+# the keys that decide a stage's networks: typed differently from a complete stage's, they are an error, not ignored
+UNET_SHAPE = ("T", "beta_1", "beta_T", "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout", "eps_skip")
+SHAPE_KEYS = {"ddpm": UNET_SHAPE, "shortcut": UNET_SHAPE + ("k_segments",), "shortft": UNET_SHAPE + ("lora_rank",),
+              "classifier": ("classifier_width",), "evaluator": ("evaluator_width",), "judge": ("judge_width",)}
 # keys added after checkpoints were written without them: such a checkpoint ran with these values
-LEGACY = dict(eps_skip=False, ddpm_min_snr=0.0, ddpm_lr_schedule="constant", ft_clip_grad="hard", ptrain_t1_phase=True)
+LEGACY = dict(eps_skip=False, ddpm_min_snr=0.0, ddpm_lr_schedule="constant", ft_clip_grad="hard", ptrain_t1_phase=True,
+              ddpm_seconds=0.0, shortcut_seconds=0.0)
 RENAMED = dict(ptrain_t1_stage="ptrain_t1_phase")  # old key -> its name now (P-Training's steps are phases)
 # ... and these always come from the current command, never from the checkpoint: a copied or moved
 # run reads and writes where it is now
@@ -69,16 +76,35 @@ def lock_folder(folder):
     _LOCKS[key] = f
 
 
-def first_nonfinite(obj, name=""):
-    """The name of the first floating tensor in obj (nested dicts, lists, tuples) with a NaN or an inf."""
+def floating_tensors(obj, name=""):
+    """[(name, tensor)] of every floating tensor in obj (nested dicts, lists, tuples)."""
     if torch.is_tensor(obj):
-        return name if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+        return [(name, obj)] if obj.is_floating_point() else []
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    for k, v in items:
-        bad = first_nonfinite(v, f"{name}.{k}" if name else str(k))
-        if bad is not None:
-            return bad
+    return [nt for k, v in items for nt in floating_tensors(v, f"{name}.{k}" if name else str(k))]
+
+
+def first_nonfinite(obj):
+    """The name of the first floating tensor in obj (nested dicts, lists, tuples) with a NaN or an inf. One
+    device-to-host read for all of them (per device), not one per tensor."""
+    named = floating_tensors(obj)
+    flags = {}
+    for name, t in named:
+        flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    ok = {dev: torch.stack(f).tolist() for dev, f in flags.items()}
+    seen = {dev: 0 for dev in ok}
+    for name, t in named:
+        i = seen[t.device]
+        seen[t.device] += 1
+        if not ok[t.device][i]:
+            return name
     return None
+
+
+def budget_spent(step, elapsed, steps, seconds):
+    """A stage's budget: `steps` optimizer steps, or, with seconds > 0, also `seconds` of training time,
+    whichever ends first (the GPU preset trains its DDPM and shortcut for a time, at whatever rate the card gives)."""
+    return step >= steps or (seconds > 0 and elapsed >= seconds)
 
 
 class Stage:
@@ -109,6 +135,12 @@ class Stage:
         stage that trains (again: a larger budget) removes it first, so a stopped run is never taken for a
         complete one by the stages built on it (upstream)."""
         ckpt = self._resume_or_skip(complete)
+        log = os.path.join(self.out, "log.csv")
+        if ckpt is not None and not self.skipped and self.columns is not None and os.path.isfile(log):
+            if os.path.getsize(log) == 0:  # killed before its header reached the disk: started anew
+                os.remove(log)
+            else:  # torn or foreign: one line, before anything changes
+                read_csv(log, ("step", *self.columns, "img_per_s"), "log")
         if export is not None and not self.skipped and os.path.exists(export):
             os.remove(export)
         return ckpt
@@ -122,6 +154,11 @@ class Stage:
         # stage, e.g. an installed --pretrained one, carries no optimiser state)
         ckpt = load_checkpoint(self.ckpt_path, self.kind, CKPT_KEYS.get(self.kind, ("config",)) + ("step",))
         conflicts, changed = self.adopt(ckpt["config"])  # from here on, self.cfg is the checkpoint's config
+        shape = [(k, typed) for k, typed in conflicts if k in SHAPE_KEYS.get(self.kind, ())]
+        if complete(ckpt) and shape:  # a typed shape that the complete stage would silently not have
+            k, typed = shape[0]
+            raise UserError(f"{self.ckpt_path} is complete with {k}={ckpt['config'][k]!r}, but the command line says "
+                            f"--{k}={typed!r}, which it would ignore: drop --{k} or choose another --out_dir")
         if complete(ckpt):
             self.say(f"{self.ckpt_path} is complete ({ckpt['step']} steps): skipping the stage")
             self.skipped = True
@@ -182,36 +219,41 @@ class Stage:
     def _reset(self):
         self._t, self._n, self._images, self._sums = time.time(), 0, 0, {}
 
-    def tick(self, step, n_images, lr_key, log_every, **values):
-        """Training step `step` done on n_images: a NaN or infinite loss stops the run (check_finite);
-        advance the bar, add `values` to the running means, and every log_every steps (None: never) write
-        them to log.csv."""
+    def tick(self, step, n_images, lr_key, log_every, last=None, **values):
+        """Training step `step` done on n_images: advance the bar, add `values` (numbers, or tensors on the
+        device, summed there) to the running means, and every log_every steps (None: never; `last`: whether
+        this is the last step, default step == steps) write them to log.csv. That row is where the values are
+        read back from the device, once per log_every steps, and where a NaN or infinite loss stops the run
+        (check_finite; Stage.save never writes non-finite weights in between)."""
         self.lr_key = lr_key
-        if "loss" in values:
-            self.check_finite(values["loss"], step, lr_key)
         self._add(n_images, **values)
-        if self.log is not None and log_every and self.due(step, log_every):
+        if self.log is not None and log_every and self.due(step, log_every, last):
             self.write_log(step)
 
     def _add(self, n_images, **values):
         self.bar.update(1)
         self._n, self._images = self._n + 1, self._images + n_images
         for k, v in values.items():
-            self._sums[k] = self._sums.get(k, 0.0) + v
+            v = v.detach() if torch.is_tensor(v) else v
+            self._sums[k] = v if k not in self._sums else self._sums[k] + v
 
     def check_finite(self, loss, step, lr_key):
         """A NaN or infinite loss stops the run with one line; the last good checkpoint stays as it is."""
         if not math.isfinite(loss):
-            raise UserError(f"[{self.name}] loss became {loss} at step {step}; the last good checkpoint "
+            raise UserError(f"[{self.name}] loss became {loss} at step {step} (or in the steps since the last log row); "
+                            f"the last good checkpoint "
                             f"is kept at {self.ckpt_path}: lower --{lr_key} and --resume")
 
-    def due(self, step, every):
-        """Whether a cadence of `every` steps falls on `step` (the last step always counts)."""
-        return step % every == 0 or step == self.steps
+    def due(self, step, every, last=None):
+        """Whether a cadence of `every` steps falls on `step` (the last step always counts; last: whether this
+        step is the last, for a stage whose budget is in seconds; default step == steps)."""
+        return step % every == 0 or (step == self.steps if last is None else bool(last))
 
     def write_log(self, step):
         """A row of log.csv and the bar's numbers: the running means since the last row, and img/s."""
-        means = {k: v / max(1, self._n) for k, v in self._sums.items()}
+        means = {k: float(v) / max(1, self._n) for k, v in self._sums.items()}  # float(): the one read per row
+        if "loss" in means:
+            self.check_finite(means["loss"], step, self.lr_key)
         ips = self._images / max(1e-9, time.time() - self._t)
         self.bar.set_postfix(**{k: f"{v:.4g}" for k, v in means.items()}, img_s=f"{ips:.0f}")
         self.log.write(",".join([str(step), *(f"{means.get(c, float('nan')):.6g}" for c in self.columns),

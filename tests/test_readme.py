@@ -41,18 +41,19 @@ def test_every_default_the_readme_states_is_the_configs():
 
 
 def test_the_preset_table_matches_the_config():
-    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(cpu|gpu)`[^|]*\|([^\n]*)$", README, re.M)}
-    assert set(rows) == {"cpu", "gpu"}
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(cpu|gpu|gpu_long)`[^|]*\|([^\n]*)$", README, re.M)}
+    assert set(rows) == {"cpu", "gpu", "gpu_long"}
     for name, row in rows.items():
         cfg = dict(config.DEFAULTS, **config.PRESETS[name])
         m = re.search(r"ch (\d+), mult ([\d,]+), (\d+) res blocks?, (?:attention at (\d+)×\d+|no attention)", row)
         assert m, row
         assert (int(m.group(1)), m.group(2), int(m.group(3))) == (cfg["ch"], cfg["ch_mult"], cfg["num_res_blocks"]), row
         assert (m.group(4) or "") == cfg["attn_res"], row
-        m = re.search(r"([\d,.k]+) steps × batch (\d+), `ddpm_lr` ([\d.e-]+)", row)
+        m = re.search(r"([\d,.k]+) (steps|s \(`ddpm_seconds`\)) × batch (\d+), `ddpm_lr` ([\d.e-]+)", row)
         assert m, row
-        steps = float(m.group(1).replace(",", "").replace("k", "")) * (1000 if "k" in m.group(1) else 1)
-        assert (steps, int(m.group(2)), float(m.group(3))) == (cfg["ddpm_steps"], cfg["ddpm_batch"], cfg["ddpm_lr"]), row
+        n = float(m.group(1).replace(",", "").replace("k", "")) * (1000 if "k" in m.group(1) else 1)
+        budget = cfg["ddpm_steps"] if m.group(2) == "steps" else cfg["ddpm_seconds"]
+        assert (n, int(m.group(3)), float(m.group(4))) == (budget, cfg["ddpm_batch"], cfg["ddpm_lr"]), row
         params = re.search(r"([\d.]+)M param", row)
         assert params, row
         from unet import build_unet

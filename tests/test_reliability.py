@@ -256,8 +256,8 @@ def test_ctrl_c_is_one_line_in_every_entry_point(capsys, monkeypatch):
             run_main(main)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 130 and len(err) == 1 and err[0].startswith("interrupted"), err
-    modules = {"gpu_jobs.py", "compare_report.py", "frontier.py", "frontier_report.py", "results_registry.py",
-               "results_sections.py"}  # imported by the scripts beside them, never run themselves
+    modules = {"gpu_jobs.py", "gpu_pipeline.py", "compare_report.py", "frontier.py", "frontier_report.py",
+               "results_registry.py", "results_sections.py"}  # imported by the scripts beside them, never run themselves
     for script in glob.glob(os.path.join(ROOT, "benchmarks", "*.py")) + glob.glob(os.path.join(ROOT, "train_*.py")):
         src, name = open(script).read(), os.path.basename(script)
         if name in modules:

@@ -27,7 +27,9 @@ def test_preset_sizes():
     n = lambda cfg: sum(p.numel() for p in build_unet(cfg).parameters())
     assert 0.5e6 <= n(config.DEFAULTS) <= 2e6  # the CPU / test model
     gpu = dict(config.DEFAULTS, **config.PRESETS["gpu"])
-    assert abs(n(gpu) - 35.7e6) < 0.2e6  # Ho et al. 2020's CIFAR-10 model: 35.7M
+    assert abs(n(gpu) - 8.95e6) < 0.05e6  # the 8-minute preset: Ho et al.'s layout at half the width
+    long = dict(config.DEFAULTS, **config.PRESETS["gpu_long"])
+    assert abs(n(long) - 35.7e6) < 0.2e6  # Ho et al. 2020's CIFAR-10 model: 35.7M
 
 
 def test_weight_layers_are_named_conv_and_linear():

@@ -6,7 +6,7 @@ Reference solution. Conventions as in ddpm.py: t an integer in [0, T), s < t, s 
 import torch
 
 
-def predict_x0(sched, x_t, eps, t):
+def predict_x0(sched, x_t, t, eps):
     """Song et al. 2021, Eq. 12, the "predicted x_0" term: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
     abar_t = sched.abar(t)  # () \bar{alpha}_t
     return (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()  # (B, C, H, W)
@@ -22,7 +22,7 @@ def ddim_step(sched, x_t, eps, t, s, eta=0.0, noise=None):
     """Song et al. 2021, Eq. 12: x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps + sigma z.
     eta = 0: deterministic DDIM; eta = 1 and s = t - 1: DDPM's ancestral step. z = noise, or fresh N(0, I)."""
     abar_s = sched.abar(s)  # ()
-    x0_hat = predict_x0(sched, x_t, eps, t)  # (B, C, H, W)
+    x0_hat = predict_x0(sched, x_t, t, eps)  # (B, C, H, W)
     sigma = ddim_sigma(sched, t, s, eta)  # ()
     x_s = abar_s.sqrt() * x0_hat + (1 - abar_s - sigma**2).sqrt() * eps  # (B, C, H, W) mean + "direction to x_t"
     if eta > 0:

@@ -9,7 +9,7 @@ Measure, from states on the base model's own DDIM-50 chains, how far each jump l
 chain's point at the edge, for the distilled student and for the naive jump.
 
     python -m pytest exercises/check_ex8_shortcut.py     # is the measurement right? (seconds)
-    python -m exercises.ex8_shortcut                     # the experiment (under a minute on a laptop CPU)
+    python -m exercises.ex8_shortcut                     # the experiment (about a minute on a laptop CPU)
 """
 
 import torch
@@ -20,24 +20,26 @@ from consistency import jump
 PREDICTION = "the distilled student lands closer on every span, by a factor of about 2"
 
 
-def real_chain(base, sched, x_t, t, s, steps):
-    """The base model's real DDIM steps (eta = 0) from timestep t down to s along the chain `steps`
-    (both t and s on it, or s = -1 for x_0): len(steps between t and s) network calls."""
-    i = steps.index(t)
+def real_chain(base, sched, x_t, t, s, timesteps):
+    """The base model's real DDIM steps (eta = 0) from timestep t down to s along the chain `timesteps`
+    (both t and s on it, or s = -1 for x_0): len(timesteps between t and s) network calls."""
+    if t not in timesteps or (s != -1 and s not in timesteps) or not s < t:
+        raise ValueError(f"t = {t} and s = {s} must lie on the chain (s = -1: x_0), s below t")
+    i = timesteps.index(t)
     x = x_t  # (B, C, H, W)
     while True:
-        t_i = steps[i]
-        t_next = steps[i + 1] if i + 1 < len(steps) else -1
+        t_i = timesteps[i]
+        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         x = ddpm.ddim_step(sched, x, base(x, torch.full((x.shape[0],), t_i, dtype=torch.long)), t_i, t_next)
         if t_next == s:
             return x
         i += 1
 
 
-def span_error(jumper, base, sched, x_t, t, s, steps):
+def span_error(jumper, base, sched, x_t, t, s, timesteps):
     """Per sample (B,): the mean squared distance, over the C x H x W values, between one jump of
     `jumper` from t to s (consistency.jump) and the base model's real chain from the same x_t to s."""
-    target = real_chain(base, sched, x_t, t, s, steps)  # (B, C, H, W)
+    target = real_chain(base, sched, x_t, t, s, timesteps)  # (B, C, H, W)
     return (jump(jumper, sched, x_t, t, s) - target).pow(2).flatten(1).mean(1)  # (B,)
 
 
@@ -47,7 +49,7 @@ def experiment(quick=False):
 
     lab.show_prediction(PREDICTION)
     clock, L = lab.Clock(), lab.load()
-    x = lab.noise(2 if quick else 16, seed=0)
+    x = lab.noise(2 if quick else 24, seed=0)
     spans = [(g[0], g[-1]) for g in L.groups[1:]]  # the ShortFT chain's jumps: 741 -> 501, 481 -> 261, 241 -> 1
     starts, i = {}, 0  # the base model's own chain, stopped at each span's start
     for t, s in [(L.steps[0], L.groups[0][-1])] + spans:  # 981 -> 761, then one base step, then a span, ...

@@ -28,7 +28,7 @@ FRONT = ("the comparison's CPU base, trained from scratch for it: `python train_
 NEW = "e44e1ba"  # the commit that added the comparison's frontier files
 CMPF = ("python benchmarks/bench_compare.py --out_dir=DIR --rewards={} --methods={} --ablations= --lrs={} --inception=false"
         "{} (then its results.json and results.md copied here, re-rendered by today's benchmarks/frontier_report.py)")
-HOT = "HEAD"  # the commit that added the hot-loop and GPU-preset files (set by the commit after it)
+HOT = "20ebc5a"  # the commit that added the hot-loop and GPU-preset files
 HOTBASE = ("none trained: each stage's per-step counts and times come from tiny runs (a few steps from scratch) of the "
            "code of each tree, on the CPU")
 REGISTRY = {  # file -> (commit that added it: git log --diff-filter=A; base model; command, None: the file has it)

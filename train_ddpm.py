@@ -15,7 +15,8 @@ import time
 import torch
 
 import ddpm
-from sftlib.common import adam, bf16_autocast, ema_update, export_safetensors, memory_format, save_grid, set_rng_state
+from sftlib.common import (adam, bf16_autocast, ema_update, export_safetensors, load_optimizer, memory_format, save_grid,
+                           set_rng_state)
 from sftlib.data import DeviceBatches, load_cifar10
 from sftlib.metrics import ddim50
 from sftlib.models import schedule_of
@@ -54,7 +55,7 @@ def train(cfg, device):
     step, elapsed = 0, 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
+        load_optimizer(opt, ckpt["opt"])  # this device's implementation and memory layout
         step, elapsed = ckpt["step"], ckpt["elapsed"]
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if ckpt is not None:

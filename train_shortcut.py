@@ -19,7 +19,7 @@ import torch
 import ddpm
 from consistency import TeacherChains, cd_loss, segment_edges, shortcut_sample
 from sftlib.common import (UserError, adam, bf16_autocast, ema_update, export_safetensors, file_sha256, load_checkpoint,
-                           memory_format, save_grid, set_rng_state)
+                           load_optimizer, memory_format, save_grid, set_rng_state)
 from sftlib.data import DeviceBatches, load_cifar10
 from sftlib.models import MODEL_KEYS, load_ddpm
 from sftlib.stage import LEGACY, Stage, budget_spent, run_alone, upstream
@@ -68,7 +68,7 @@ def train(cfg, device):
         if list(ckpt["edges"]) != edges:
             raise UserError(f"cannot resume {stage.ckpt_path}: it was distilled with edges {ckpt['edges']}, not {edges}")
         student.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
+        load_optimizer(opt, ckpt["opt"])  # this device's implementation and memory layout
         step, elapsed = ckpt["step"], ckpt["elapsed"]
     sched.clip_x0 = cfg["clip_x0"]  # teacher steps and jumps clip x0_hat as this run says (ddpm.py)
     target = copy.deepcopy(student).eval().requires_grad_(False)  # the target network phi^- of CD

@@ -27,8 +27,8 @@ import tlora
 from baselines import SHORT_CHAIN, method_chain
 from rewards import reward_loss
 from shortft import merge_for_sampling, ptrain_phase, set_phase
-from sftlib.common import (UserError, adam, bf16_autocast, export_safetensors, file_sha256, load_checkpoint, plot_lines,
-                           save_grid, set_rng_state, write_text)
+from sftlib.common import (UserError, adam, bf16_autocast, export_safetensors, file_sha256, load_checkpoint,
+                           load_optimizer, plot_lines, save_grid, set_rng_state, write_text)
 from sftlib.metrics import ddim50, evaluate_model
 from sftlib.models import build_finetuned, load_ddpm, load_naive_shortcut, load_reward, load_shortcut
 from sftlib.stage import Stage, run_alone, upstream
@@ -84,7 +84,7 @@ def train(cfg, device, probe=None):
     step, history, train_s = 0, [], 0.0
     if ckpt is not None:
         ft.unet.load_state_dict(ckpt["unet"])
-        opt.load_state_dict(ckpt["opt"])
+        load_optimizer(opt, ckpt["opt"])  # this device's implementation and memory layout
         set_rng_state(ckpt["rng"])
         step, before, train_s = ckpt["step"], ckpt["before"], ckpt["train_s"]
         history = [{("phase" if k == "stage" else k): v for k, v in h.items()} for h in ckpt["history"]]  # older: "stage"
@@ -105,18 +105,25 @@ def train(cfg, device, probe=None):
     log_every = cfg["log_every"]
 
     def flush():
-        """Read the window's numbers back from the device at once (one sync per log_every steps, not five per
-        step) into `history`; a NaN or infinite loss or gradient stops the run with one line."""
+        """Read the window's numbers back from the device at once (one sync per log_every steps and checkpoint,
+        not five per step) into `history`; a NaN or infinite loss or gradient stops the run with one line. A step's
+        ms: its own clock on the CPU; on a GPU, whose queue makes one step's clock meaningless, the window's mean,
+        from the window's first step to the end of its work (synchronised here)."""
+        nonlocal window_t0
         if not window:
             return
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        mean_ms = 1000 * (time.time() - window_t0) / len(window)
         values = torch.stack([torch.stack(w[3]) for w in window]).tolist()  # (n, 3): reward, grad norm, loss
-        ms = 1000 * sum(w[2] for w in window) / len(window)  # per step, the window's mean: a GPU's queue
-        for (s, phase, _, _), (r, gn, loss) in zip(window, values):  # makes one step's own clock meaningless
+        for (s, phase, secs, _), (r, gn, loss) in zip(window, values):
+            ms = secs * 1000 if device.type == "cpu" else mean_ms
             if not (math.isfinite(loss) and math.isfinite(gn)):
                 raise UserError(f"[shortft] loss {loss} / grad norm {gn} at step {s}: stopped; the last good checkpoint "
                                 f"is kept at {stage.ckpt_path}")
             history.append(dict(step=s, phase=phase, reward=r, grad_norm=gn, ms=ms))
         window.clear()
+        window_t0 = None
         h = history[-1]
         if stage.bar is not None:
             stage.bar.set_postfix(reward=f"{h['reward']:.3f}", grad=f"{h['grad_norm']:.2f}", ms=f"{h['ms']:.0f}",
@@ -132,8 +139,10 @@ def train(cfg, device, probe=None):
     # the budget: ft_steps optimizer steps (a probe may set another, e.g. training seconds for equal compute)
     budget = probe.budget if probe is not None else (lambda step, train_s: step / cfg["ft_steps"])
     stage.start(step, total=cfg["ft_steps"] if probe is None else probe.total_steps())
+    window_t0 = None  # when the window's first step began
     while (done := budget(step, train_s)) < 1:
         t0 = time.time()
+        window_t0 = t0 if window_t0 is None else window_t0
         phase = phase_at(cfg, k, done)
         set_phase(ft, phase)  # P-Training: in phase i only LoRAs i..k-1 train
         x_T = torch.randn(cfg["ft_batch"], 3, 32, 32, device=device)  # (B, 3, 32, 32)
@@ -146,12 +155,9 @@ def train(cfg, device, probe=None):
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["ft_grad_clip"])  # on the device, read in flush()
         opt.step()
         step += 1
-        if probe is not None or step % log_every == 0:
-            flush_due = True
-            if device.type == "cuda":
-                torch.cuda.synchronize()  # the clock counts the GPU's work, not only its queueing
-        else:
-            flush_due = False
+        flush_due = probe is not None or step % log_every == 0
+        if flush_due and device.type == "cuda":
+            torch.cuda.synchronize()  # train_s counts the GPU's work, not only its queueing
         secs = time.time() - t0
         train_s += secs
         window.append((step, phase, secs, [r.detach().mean(), grad_norm.detach(), loss.detach()]))

@@ -241,6 +241,7 @@ def main(argv):
     sections = opts["sections"].split(",")
     if "stages" in sections:
         try:
+            RESULTS["stages_preset"] = "gpu" if not opts["dry"] else "dry"  # the UNet the rows measure
             RESULTS["stages"] = section_stages(opts, cfg, device, data,
                                                modes=("fp32", "bf16") if device.type == "cuda" else ("fp32",))
         except Exception:
@@ -278,10 +279,9 @@ def main(argv):
     if "stages" in sections:
         if "compile" in sections:
             RESULTS["stages"] += section_compile(opts, device)
-        RESULTS["stages_preset"] = "gpu" if not opts["dry"] else "dry"
         if not opts["dry"]:
             RESULTS["predicted_pipeline"] = predict_pipeline(cfg, RESULTS)
-        log("predicted GPU pipeline: " + json.dumps(RESULTS["predicted_pipeline"]))
+            log("predicted GPU pipeline: " + json.dumps(RESULTS["predicted_pipeline"]))
         save_results(opts)
     left = budget_end - time.time()  # the training runs get what is left, less sampling and export
     opts["short_s"] = max(5.0, min(opts["short_s"], left - 50))

@@ -167,12 +167,15 @@ def section_pipeline(opts, device, RESULTS, save_results):
                       (os.path.join(d, "shortft", "before_after.png"), "before_after.png")):
         if src and os.path.isfile(src):
             shutil.copy(src, os.path.join(opts["out"], name))
-    if opts["predict_from"] and not opts["dry"]:
+    if opts["predict_from"] and not opts["dry"]:  # the prediction of this very run (its fid_n: 0 without weights)
         results = {}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         for path in opts["predict_from"].split(","):
-            for k, v in read_results(path).items():
+            for k, v in read_results(os.path.join(root, path)).items():  # relative paths: to the repository
                 results.setdefault(k, v)
-        RESULTS["pipeline"]["predicted"] = predict_pipeline(dict(config.DEFAULTS, **config.PRESETS["gpu"]), results)
+        RESULTS["pipeline"]["predicted"] = predict_pipeline(
+            dict(config.DEFAULTS, **config.PRESETS["gpu"], fid_n=over.get("fid_n", config.PRESETS["gpu"]["fid_n"])),
+            results)
     save_results(opts)
     log(f"pipeline: {RESULTS['pipeline']['total_s']:.0f} s; base {RESULTS['pipeline']['before']}, "
         f"fine-tuned {RESULTS['pipeline']['after']}")

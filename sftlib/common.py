@@ -241,6 +241,23 @@ def adam(params, lr):
     return torch.optim.Adam(params, lr=lr, fused=fused or None, foreach=None if fused else True)
 
 
+def load_optimizer(opt, state):
+    """opt.load_state_dict(state) for an optimizer built by `adam` here and now: the implementation stays the one
+    `adam` chose for this device (a state saved elsewhere carries its own fused flag), Adam's moments take their
+    weights' memory layout (a run saved in channels_last may resume in NCHW: the fused kernel needs them alike) and
+    its step counters go where that implementation keeps them (on the device when fused, else on the host)."""
+    fused, foreach = opt.defaults.get("fused"), opt.defaults.get("foreach")
+    opt.load_state_dict(state)
+    for group in opt.param_groups:
+        group["fused"], group["foreach"] = fused, foreach
+    for p, st in opt.state.items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in st:
+                st[k] = torch.empty_like(p).copy_(st[k])  # empty_like: p's device, dtype and memory layout
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].to(device=p.device if fused else "cpu", dtype=torch.float32)
+
+
 def memory_format(cfg, device):
     """The UNet's weight layout: channels_last (NHWC, what cuDNN's fastest bf16 convolutions take) with
     --channels_last on CUDA, else as built. A convolution follows its weight's layout, so the activations

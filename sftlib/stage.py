@@ -202,16 +202,16 @@ class Stage:
                 self.cfg[k] = v
         return sorted(conflicts), changed
 
-    def start(self, step, total=None):
-        """Open the progress bar (at `step` of `total`, default self.steps; None: no end known) and
-        log.csv (anew for a fresh run, else appended to). Returns whether the log was started anew."""
+    def start(self, step, total="steps"):
+        """Open the progress bar (at `step` of `total`, default self.steps; None: no end known, e.g. a budget in
+        seconds) and log.csv (anew for a fresh run, else appended to). Returns whether the log was started anew."""
         fresh = False
         lock_folder(self.out)
         remove_stale_temps(self.out)  # left by a run killed mid-write
         if self.columns is not None:  # a resumed log drops the rows after the checkpoint's step
             self.log, fresh = open_log(self.out, ",".join(("step", *self.columns, "img_per_s")), fresh=step == 0,
                                        keep_upto=step)
-        self.bar = tqdm(file=sys.stdout, total=self.steps if total is None else total, initial=step,
+        self.bar = tqdm(file=sys.stdout, total=self.steps if total == "steps" else total, initial=step,
                         desc=self.name, dynamic_ncols=True, mininterval=1.0)
         self._reset()
         return fresh

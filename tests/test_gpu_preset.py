@@ -144,3 +144,38 @@ def test_gpu_script_dry_runs_the_preset_end_to_end(tmp_path, cifar_root):
     assert "--preset=gpu" in r["command"]
     for f in ("ddpm_samples.png", "shortcut_samples.png", "before_after.png"):
         assert (tmp_path / f).is_file(), f
+
+
+def test_adam_state_saved_in_channels_last_resumes_the_same_in_nchw():
+    """A run saved with channels_last weights (the gpu preset on CUDA) and resumed where its UNet is NCHW (on a CPU,
+    or with --channels_last=false): load_optimizer lays Adam's moments out like their weights, so, given the same
+    gradient, the resumed step is the uninterrupted channels_last run's. Plain load_state_dict keeps the old
+    layout, which the fused kernel reads as flat memory: the oracle's other side."""
+    import copy
+
+    from sftlib.common import adam, load_optimizer
+    from unet import build_unet
+
+    torch.manual_seed(0)
+    cfg = dict(config.DEFAULTS)
+    x, t = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.tensor([5, 500])
+    a = build_unet(cfg).to(memory_format=torch.channels_last)
+    opt_a = adam(a.parameters(), 1e-3)
+    for i in range(3):
+        opt_a.zero_grad()
+        a(x, t).pow(2).mean().backward()
+        if i == 2:  # the step after the save: the state before it is what a checkpoint holds
+            state, weights = copy.deepcopy(opt_a.state_dict()), copy.deepcopy(a.state_dict())
+            grads = [p.grad.clone() for p in a.parameters()]
+        opt_a.step()
+    results = {}
+    for name, load in (("load_optimizer", load_optimizer), ("plain", lambda o, s: o.load_state_dict(s))):
+        b = build_unet(cfg)  # NCHW
+        b.load_state_dict(weights)
+        opt_b = adam(b.parameters(), 1e-3)
+        load(opt_b, copy.deepcopy(state))
+        for p, g in zip(b.parameters(), grads):
+            p.grad = g.contiguous()  # the same gradient, in the resumed run's layout
+        opt_b.step()
+        results[name] = max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
+    assert results["load_optimizer"] < 1e-7 and results["plain"] > 1e-5, results

@@ -20,7 +20,7 @@ from sftlib.common import (adam, bf16_autocast, ema_update, export_safetensors, 
 from sftlib.data import DeviceBatches, load_cifar10
 from sftlib.metrics import ddim50
 from sftlib.models import schedule_of
-from sftlib.stage import Stage, budget_spent, run_alone
+from sftlib.stage import Stage, budget_spent, budget_text, run_alone
 from unet import build_unet
 
 
@@ -65,9 +65,8 @@ def train(cfg, device):
 
     x, y = load_cifar10(cfg["data_root"], "train", cfg["n_train"], os.path.join(cfg["out_dir"], "cache"))
     data = DeviceBatches(x, y, device)
-    budget = f"{steps} steps" + (f" or {seconds:.0f} s of training, whichever ends first," if seconds > 0 else "")
     print(f"[ddpm] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(data)} training images, {budget} of batch {cfg['ddpm_batch']} on {device}")
+          f"{len(data)} training images, {budget_text(steps, seconds)} of batch {cfg['ddpm_batch']} on {device}")
     # fixed noise and reals for the sample grids, from their own generator so resume sees the same
     g = torch.Generator().manual_seed(1234)
     x_T = torch.randn(cfg["grid_ddpm"], 3, 32, 32, generator=g).to(device)  # (grid_ddpm, 3, 32, 32)

@@ -22,7 +22,7 @@ from sftlib.common import (UserError, adam, bf16_autocast, ema_update, export_sa
                            load_optimizer, memory_format, save_grid, set_rng_state)
 from sftlib.data import DeviceBatches, load_cifar10
 from sftlib.models import MODEL_KEYS, load_ddpm
-from sftlib.stage import LEGACY, Stage, budget_spent, run_alone, upstream
+from sftlib.stage import LEGACY, Stage, budget_spent, budget_text, run_alone, upstream
 
 
 @torch.no_grad()  # sampling grids for a look: no gradients needed
@@ -79,8 +79,7 @@ def train(cfg, device):
 
     x, y = load_cifar10(cfg["data_root"], "train", cfg["n_train"], os.path.join(cfg["out_dir"], "cache"))
     data = DeviceBatches(x, y, device)
-    budget = f"{steps} steps" + (f" or {seconds:.0f} s of training, whichever ends first," if seconds > 0 else "")
-    print(f"[shortcut] k={cfg['k_segments']} segments, edges {edges}; {budget} of batch "
+    print(f"[shortcut] k={cfg['k_segments']} segments, edges {edges}; {budget_text(steps, seconds)} of batch "
           f"{cfg['shortcut_batch']}, {cfg['cd_loss']} loss, {cfg['teacher_solver']} teacher, on {device}")
     g = torch.Generator().manual_seed(1234)  # fixed noise for the grids, the same after a resume
     x_T = torch.randn(cfg["grid_shortcut"], 3, 32, 32, generator=g).to(device)  # (grid_shortcut, 3, 32, 32)

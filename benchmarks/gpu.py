@@ -191,10 +191,7 @@ def section_train(opts, device, stage_rows, classroom_rows, cache):
 def main(argv):
     opts = dict(DEFAULTS, **config.parse_overrides(argv, DEFAULTS))
     if opts["predict"]:  # one results.json, or several merged (e.g. gpu_h200.json,gpu_h200_fid.json)
-        results = {}
-        for path in opts["predict"].split(","):
-            for k, v in read_results(path).items():  # the first file that has a key gives it
-                results.setdefault(k, v)
+        results = read_results(opts["predict"])  # the first file that has a key gives it
         if "stages" not in results:
             raise UserError(f"--predict={opts['predict']}: no \"stages\" rows (a results.json of the stages section)")
         print(json.dumps({name: predict_pipeline(dict(config.DEFAULTS, **config.PRESETS[name]), results)

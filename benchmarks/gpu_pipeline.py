@@ -28,16 +28,22 @@ PIPELINE_DRY = dict(DRY, judge_width=4, n_train=200, n_test=100, ddpm_seconds=3.
                     grid_shortcut=2, grid_ft=2, sample_batch=4, log_every=2)
 
 
-def read_results(path):
-    """A results.json of this script, or one line saying what is wrong with it."""
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    if not isinstance(results, dict):
-        raise UserError(f"{path} is not a results.json of benchmarks/gpu.py (not a JSON object)")
-    return results
+def read_results(paths, root=""):
+    """The results.json files of this script in the comma list `paths` (relative ones under `root`), merged: the
+    first file that has a key gives it. Or one line saying what is wrong with a file."""
+    merged = {}
+    for path in paths.split(","):
+        path = os.path.join(root, path)
+        try:
+            with open(path) as f:
+                results = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {path}: {e}") from None
+        if not isinstance(results, dict):
+            raise UserError(f"{path} is not a results.json of benchmarks/gpu.py (not a JSON object)")
+        for k, v in results.items():
+            merged.setdefault(k, v)
+    return merged
 
 
 def gflop(cfg):
@@ -168,11 +174,7 @@ def section_pipeline(opts, device, RESULTS, save_results):
         if src and os.path.isfile(src):
             shutil.copy(src, os.path.join(opts["out"], name))
     if opts["predict_from"] and not opts["dry"]:  # the prediction of this very run (its fid_n: 0 without weights)
-        results = {}
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        for path in opts["predict_from"].split(","):
-            for k, v in read_results(os.path.join(root, path)).items():  # relative paths: to the repository
-                results.setdefault(k, v)
+        results = read_results(opts["predict_from"], os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         RESULTS["pipeline"]["predicted"] = predict_pipeline(
             dict(config.DEFAULTS, **config.PRESETS["gpu"], fid_n=over.get("fid_n", config.PRESETS["gpu"]["fid_n"])),
             results)

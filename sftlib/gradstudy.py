@@ -50,8 +50,7 @@ def full_decomposition(model, sched, x_T, timesteps, reward, params, n_total=Non
     with torch.no_grad():  # forward once, keeping only each call's input
         for i, t in enumerate(timesteps):
             s = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            t_vec = torch.full((len(x_T),), t, dtype=torch.long, device=x_T.device)
-            eps = model(xs[-1], t_vec)
+            eps = model(xs[-1], ddpm.t_batch(t, xs[-1]))
             clipped.append(float((ddpm.predict_x0(sched, xs[-1], t, eps).abs() > 1).float().mean()))
             xs.append(ddpm.ddim_step(sched, xs[-1], eps, t, s))
     x0 = xs[-1].detach().requires_grad_(True)
@@ -62,8 +61,7 @@ def full_decomposition(model, sched, x_T, timesteps, reward, params, n_total=Non
     for i in reversed(range(len(timesteps))):
         t, s = timesteps[i], (timesteps[i + 1] if i + 1 < len(timesteps) else -1)
         x = xs[i].detach().requires_grad_(True)
-        t_vec = torch.full((len(x),), t, dtype=torch.long, device=x.device)
-        x_next = ddpm.ddim_step(sched, x, model(x, t_vec), t, s)  # the call, recomputed with a graph
+        x_next = ddpm.ddim_step(sched, x, model(x, ddpm.t_batch(t, x)), t, s)  # the call, recomputed with a graph
         out = torch.autograd.grad(x_next, [x] + params, grad_outputs=a, allow_unused=True)
         a = out[0]  # dr/dx_{t_i}
         calls.append(flat(out[1:], params))

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from rewards import class_index
-from sftlib.common import UserError, atomic_path, load_checkpoint
+from sftlib.common import UserError, load_checkpoint
 from sftlib.data import CLASSES, load_cifar10
 from sftlib.fid import fid_from_features as _fd, frechet_distance, gaussian_stats
-from sftlib.nets import load_classifier, net_outputs
+from sftlib.nets import load_classifier, net_outputs, real_feature_stats
 
 N_FLOOR = 10000  # real training images behind the floors (the test split has 10k too)
 
@@ -67,16 +67,7 @@ def real_stats(out_dir, device):
     n = min(N_FLOOR, cfg["n_train"]) if cfg["n_train"] > 0 else N_FLOOR
     x_train, y_train = load_cifar10(cfg["data_root"], "train", n, cache, half=0)  # (n, 3, 32, 32), class by class
     order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))  # every class, in random order
-    f_test, _ = net_outputs(net, x_test, device)  # (N_test, D)
-    f_train, _ = net_outputs(net, x_train[order], device)  # (n, D)
-    mu, sigma = gaussian_stats(f_test)  # (D,), (D, D)
-    stats = dict(mu_test=mu, sigma_test=sigma, feats_test=f_test.astype(np.float32), labels_test=np.asarray(y_test),
-                 feats_train=f_train.astype(np.float32), labels_train=np.asarray(y_train)[order.numpy()],
-                 n_test=np.array(len(f_test)), n_train=np.array(len(f_train)),
-                 fd_floor=np.array(frechet_distance(*gaussian_stats(f_train), mu, sigma)))
-    with atomic_path(path) as tmp:
-        np.savez(tmp, **stats)
-    return stats
+    return real_feature_stats(net, device, x_test, y_test, x_train[order], np.asarray(y_train)[order.numpy()], path)
 
 
 def _spread(f):

@@ -32,11 +32,11 @@ import torch
 import ddpm
 from rewards import class_index, parse_reward_spec
 from sftlib import config, judge
-from sftlib.common import UserError, atomic_path, load_checkpoint, pick_device, to_uint8
+from sftlib.common import UserError, bf16_autocast, load_checkpoint, pick_device, to_uint8
 from sftlib.models import load_reward
 from sftlib.data import CLASSES, load_cifar10
 from sftlib.fid import fid_from_features as _fd, frechet_distance, gaussian_stats  # the Fréchet distance of any features (FID's formula)
-from sftlib.nets import load_classifier, net_outputs  # net_outputs: features and log p of any of the three nets
+from sftlib.nets import load_classifier, net_outputs, real_feature_stats  # net_outputs: features and log p of any of the three nets
 from sftlib.readers import checked_stats, npz_names, read_npz
 
 # what <out_dir>/evaluator/real_stats.npz (and judge/real_stats.npz) hold: (dtype kinds, shape), None any length
@@ -68,17 +68,7 @@ def real_stats(out_dir, device):
     x_train, y_train = load_cifar10(cfg["data_root"], "train", cfg["n_train"], cache)
     # a fixed random subset of the training images: every class, in random order
     keep = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:N_FLOOR]
-    f_test, _ = net_outputs(net, x_test, device)  # (N_test, D)
-    f_train, _ = net_outputs(net, x_train[keep], device)  # (N_floor, D)
-    mu, sigma = gaussian_stats(f_test)
-    stats = dict(mu_test=mu, sigma_test=sigma, feats_train=f_train.astype(np.float32),
-                 feats_test=f_test.astype(np.float32), labels_test=np.asarray(y_test),
-                 labels_train=np.asarray(y_train)[keep.numpy()],
-                 n_test=np.array(len(x_test)), n_train=np.array(len(f_train)),
-                 fd_floor=np.array(frechet_distance(*gaussian_stats(f_train), mu, sigma)))
-    with atomic_path(path) as tmp:
-        np.savez(tmp, **stats)
-    return stats
+    return real_feature_stats(net, device, x_test, y_test, x_train[keep], np.asarray(y_train)[keep.numpy()], path)
 
 
 def check_samples(images):
@@ -220,7 +210,7 @@ def ddim50(model, sched, x_T, batch=256, bf16=False):
     """DDIM-50 samples of `model` from the noise x_T (N, 3, 32, 32), `batch` images per network call; bf16: the
     network in bf16 autocast on CUDA (the chain itself, x_t, stays float32)."""
     steps = ddpm.ddim_timesteps(sched.T, ddpm.N_CHAIN)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and x_T.device.type == "cuda"):
+    with bf16_autocast(dict(bf16=bf16), x_T.device):
         return torch.cat([ddpm.ddim_sample(model, sched, x_T[i:i + batch], steps).float()
                           for i in range(0, len(x_T), batch)])
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sftlib.common import UserError, load_checkpoint
+from sftlib.common import UserError, atomic_path, load_checkpoint
+from sftlib.fid import frechet_distance, gaussian_stats
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean and std of the training images in [0, 1]
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -174,3 +175,22 @@ def load_classifier(path, device, kind="classifier"):
     except RuntimeError:
         raise UserError(f"{path}: weights do not match the {ckpt['arch']} it describes") from None
     return net.eval().requires_grad_(False)
+
+
+def real_feature_stats(net, device, x_test, y_test, x_train, y_train, path):
+    """A held-out network's statistics of real images (the arrays of sftlib/readers.py's REAL_STATS), written to
+    `path` atomically and returned: the test split's features with their mean and covariance, and the features of
+    the training images in the order given (the first n of them make a floor at any sample count n), with the
+    floor of them all, their Fréchet distance to the test split. uint8 images (N, 3, 32, 32), labels (N,)."""
+    import numpy as np
+
+    f_test, _ = net_outputs(net, x_test, device)  # (N_test, D)
+    f_train, _ = net_outputs(net, x_train, device)  # (N_train, D)
+    mu, sigma = gaussian_stats(f_test)  # (D,), (D, D)
+    stats = dict(mu_test=mu, sigma_test=sigma, feats_test=f_test.astype(np.float32), labels_test=np.asarray(y_test),
+                 feats_train=f_train.astype(np.float32), labels_train=np.asarray(y_train),
+                 n_test=np.array(len(f_test)), n_train=np.array(len(f_train)),
+                 fd_floor=np.array(frechet_distance(*gaussian_stats(f_train), mu, sigma)))
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **stats)
+    return stats

@@ -222,6 +222,32 @@ def check_edges(edges, T, path):
         raise UserError(f"{path}: its edges {edges!r:.60} are not decreasing timesteps in [0, {T})")
 
 
+def floating_tensors(obj, name=""):
+    """[(name, tensor)] of every floating tensor in obj (nested dicts, lists, tuples)."""
+    import torch
+
+    if torch.is_tensor(obj):
+        return [(name, obj)] if obj.is_floating_point() else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [nt for k, v in items for nt in floating_tensors(v, f"{name}.{k}" if name else str(k))]
+
+
+def first_nonfinite(obj):
+    """The name of the first floating tensor in obj (nested dicts, lists, tuples) with a NaN or an inf. One
+    device-to-host read for all of them (per device), not one per tensor."""
+    import torch
+
+    by_device = {}
+    for name, t in floating_tensors(obj):
+        by_device.setdefault(t.device, []).append((name, t))
+    for named in by_device.values():
+        ok = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+        bad = [name for (name, _), good in zip(named, ok) if not good]
+        if bad:
+            return bad[0]
+    return None
+
+
 def check_finite_state(state, path):
     """Every floating tensor of a state dict finite: NaN weights would sample black images, silently."""
     import torch
@@ -229,9 +255,10 @@ def check_finite_state(state, path):
     for k, v in state.items():
         if not torch.is_tensor(v):
             raise UserError(f"{path}: its weights hold {k!r} of type {type(v).__name__}, not a tensor")
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise UserError(f"{path}: its weight {k} holds NaN or infinite values: refused (retrain, or use an "
-                            f"earlier checkpoint)")
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise UserError(f"{path}: its weight {bad} holds NaN or infinite values: refused (retrain, or use an "
+                        f"earlier checkpoint)")
 
 
 def check_checkpoint(ckpt, path):

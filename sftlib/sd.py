@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 
 import ddpm
 from sftlib.common import UserError
-from shortft import FineTuned
+from shortft import FineTuned, step_of
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the hub id of SD 1.5 (a mirror of runwayml's)
 SHORTCUTS = {  # few-step LoRAs for SD 1.5 on the hub: name -> (repo, file)
@@ -185,7 +185,7 @@ class SDFineTuned(FineTuned):
 
     def __call__(self, x, t):
         """eps_theta(x_t, t) of the fine-tuned base model; t: (B,) with one value (a sampler's step)."""
-        n = self.stack(int(t[0])) if self.tlora else len(self.names)
+        n = self.stack(step_of(t)) if self.tlora else len(self.names)
         return self.eps(x, t, self.names[:n], self.guidance)
 
     def shortcut(self, x, t):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from sftlib import config
 from sftlib.common import (CKPT_KEYS, UserError, load_checkpoint, open_log, pick_device, remove_stale_temps, rng_state,
                            run_main, save_atomic, seed_all)
-from sftlib.readers import read_csv
+from sftlib.readers import first_nonfinite, read_csv
 
 # What --resume means: the run goes on with the config stored in its checkpoint. A key typed on the
 # command line that differs from it is an error, except these, which may change on resume: the
@@ -76,29 +76,9 @@ def lock_folder(folder):
     _LOCKS[key] = f
 
 
-def floating_tensors(obj, name=""):
-    """[(name, tensor)] of every floating tensor in obj (nested dicts, lists, tuples)."""
-    if torch.is_tensor(obj):
-        return [(name, obj)] if obj.is_floating_point() else []
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    return [nt for k, v in items for nt in floating_tensors(v, f"{name}.{k}" if name else str(k))]
-
-
-def first_nonfinite(obj):
-    """The name of the first floating tensor in obj (nested dicts, lists, tuples) with a NaN or an inf. One
-    device-to-host read for all of them (per device), not one per tensor."""
-    named = floating_tensors(obj)
-    flags = {}
-    for name, t in named:
-        flags.setdefault(t.device, []).append(torch.isfinite(t).all())
-    ok = {dev: torch.stack(f).tolist() for dev, f in flags.items()}
-    seen = {dev: 0 for dev in ok}
-    for name, t in named:
-        i = seen[t.device]
-        seen[t.device] += 1
-        if not ok[t.device][i]:
-            return name
-    return None
+def budget_text(steps, seconds):
+    """What budget_spent stops at, in words for a stage's first line."""
+    return f"{steps} steps" + (f" or {seconds:.0f} s of training, whichever ends first," if seconds > 0 else "")
 
 
 def budget_spent(step, elapsed, steps, seconds):

@@ -25,6 +25,18 @@ def run_cli(*args, check=True, timeout=1500):
     return p
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is faster than several fighting over shared cores (a module asks for it with
+    pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def cifar_root():
     if not os.path.isdir(os.path.join(CIFAR, "train")):

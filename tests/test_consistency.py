@@ -19,13 +19,7 @@ SCHED = ddpm.Schedule()  # T = 1000, beta 1e-4 .. 0.02
 E4 = [761, 501, 261, 1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread avoids OpenMP contention on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 def tiny_unet(seed=0, dtype=torch.float32):

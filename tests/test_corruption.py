@@ -29,12 +29,7 @@ TINY_RUN = ["--preset=cpu", "--device=cpu", "--ch=8", "--ch_mult=1,2", "--num_re
             "--grid_shortcut=2", "--grid_ft=2", "--sample_batch=8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ SMALL = ["--ch=8", "--ch_mult=1,2", "--num_res_blocks=1", "--attn_res=", "--pres
          "--log_every=1", "--sample_every=1000"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than several fighting over shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

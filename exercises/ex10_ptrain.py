@@ -10,7 +10,7 @@ the two x_0, with and without P-Training, along a short fine-tuning run.
 Fill in the gap marked TODO(student) and write your PREDICTION first, then:
 
     python -m pytest exercises/check_ex10_ptrain.py     # is the measurement right? (seconds)
-    python -m exercises.ex10_ptrain                     # the experiment (about two minutes on a laptop CPU)
+    python -m exercises.ex10_ptrain                     # the experiment (about four minutes on a 2-core CPU)
 """
 
 import torch
@@ -36,54 +36,66 @@ def chain_gap(ft, student, sched, x_T, timesteps, phase=0):
     raise NotImplementedError("exercise 10: chain_gap")
 
 
-def experiment(quick=False, lr=1e-2, steps=12, every=6, batch=4):
+def experiment(quick=False, lr=1e-2, steps=12, every=6, batch=4, seeds=3):
+    import numpy as np
+
     import shortft
     from exercises import lab
 
     lab.show_prediction(PREDICTION)
-    steps, every, batch = (2, 2, 1) if quick else (steps, every, batch)
+    steps, every, batch, seeds = (2, 2, 1, 2) if quick else (steps, every, batch, seeds)
     clock, L = lab.Clock(), lab.load()
     x_gap = lab.noise(1 if quick else 6, seed=1)
     k = len(L.groups)
-    first = None  # both runs start from the same model: their step-0 row is measured once
-    last = {}  # progressive -> (phase-0 gap, the trained chain's gap) per noise at the last step
+    start = chain_gap(lab.finetunable(L), L.shortcut, L.sched, x_gap, L.steps, 0).numpy()  # every run starts here
+    measured = [s for s in range(steps + 1) if s % every == 0 or s == steps]
+    last = {}  # progressive -> (phase-0 gap, the trained chain's gap), each (seeds, noises), at the last step
     for progressive in (False, True):
-        ft = lab.finetunable(L)
-        opt = torch.optim.Adam(lab.lora_parameters(ft), lr=lr)
-        gen = torch.Generator().manual_seed(0)
-        rewards = []
-        print(f"\n{'with' if progressive else 'without'} P-Training: lr {lr:g}, {steps} steps of batch {batch}")
-        print(f"{'step':>5s} {'phase':>5s} {'gap, phase-0 chain [95 % CI]':>30s} {'gap, the chain it trains on':>28s} "
+        rows = {s: dict(g0=[], gs=[], r=[]) for s in measured}  # per measured step, one entry per seed
+        for seed in range(seeds):  # a seed: the LoRAs' initial A and the training noises
+            ft = lab.finetunable(L, seed=seed)
+            opt = torch.optim.Adam(lab.lora_parameters(ft), lr=lr)
+            gen = torch.Generator().manual_seed(seed)
+            rewards = []
+            for step in range(steps + 1):
+                phase = shortft.ptrain_phase(k, step / steps) if progressive else 0
+                if step in rows:
+                    g0 = start if step == 0 else chain_gap(ft, L.shortcut, L.sched, x_gap, L.steps, 0).numpy()
+                    gs = chain_gap(ft, L.shortcut, L.sched, x_gap, L.steps, phase).numpy() if phase else g0
+                    rows[step]["g0"].append(g0)
+                    rows[step]["gs"].append(gs)
+                    rows[step]["r"].append(np.mean(rewards) if rewards else np.nan)
+                    rows[step]["phase"] = phase
+                    rewards = []
+                if step == steps:
+                    break
+                shortft.set_phase(ft, phase)  # P-Training freezes the LoRAs of the phases before
+                x0 = shortft_chain(ft, L.shortcut, L.sched, torch.randn(batch, 3, 32, 32, generator=gen), ft.groups,
+                                   phase)
+                r = L.reward(x0)
+                rewards.append(float(r.detach().exp().mean()))
+                opt.zero_grad(set_to_none=True)
+                (-r.mean()).backward()
+                opt.step()
+        print(f"\n{'with' if progressive else 'without'} P-Training: lr {lr:g}, {steps} steps of batch {batch}, "
+              f"{seeds} training seeds ({clock})")
+        print(f"{'step':>5s} {'phase':>5s} {'gap, phase-0 chain':>30s} {'gap, the chain it trains on':>30s} "
               f"{'training reward p(ship)':>23s}")
-        for step in range(steps + 1):
-            phase = shortft.ptrain_phase(k, step / steps) if progressive else 0
-            if step % every == 0 or step == steps:
-                if step == 0 and first is not None:
-                    g0 = first
-                else:
-                    g0 = chain_gap(ft, L.shortcut, L.sched, x_gap, L.steps, 0)
-                first = g0 if first is None else first
-                gs = chain_gap(ft, L.shortcut, L.sched, x_gap, L.steps, phase) if phase else g0
-                m, ci = lab.bootstrap(g0.numpy())
-                r = f"{sum(rewards) / len(rewards):23.2f}" if rewards else f"{'':23s}"
-                print(f"{step:5d} {phase:5d} {m:12.5f} [{ci[0]:.5f}, {ci[1]:.5f}] {float(gs.mean()):28.5f} {r}   ({clock})")
-                rewards = []
-            if step == steps:
-                last[progressive] = (g0.numpy(), gs.numpy())
-                break
-            shortft.set_phase(ft, phase)  # P-Training freezes the LoRAs of the phases before
-            x0 = shortft_chain(ft, L.shortcut, L.sched, torch.randn(batch, 3, 32, 32, generator=gen), ft.groups, phase)
-            r = L.reward(x0)
-            rewards.append(float(r.detach().exp().mean()))
-            opt.zero_grad(set_to_none=True)
-            (-r.mean()).backward()
-            opt.step()
+        for step, row in rows.items():
+            r = f"{np.mean(row['r']):23.2f}" if step else f"{'':23s}"
+            print(f"{step:5d} {row['phase']:5d} {lab.mean_ci(np.array(row['g0']), 5):>30s} "
+                  f"{lab.mean_ci(np.array(row['gs']), 5):>30s} {r}")
+        last[progressive] = np.array(rows[steps]["g0"]), np.array(rows[steps]["gs"])
     (w0, _), (p0, ps) = last[False], last[True]
-    print(f"\nat step {steps}, differences per noise [95 % paired bootstrap over the {len(x_gap)} noises; one training seed]:")
+    print(f"\neach gap: the mean over {seeds} training seeds x {len(x_gap)} noises [95 % two-level bootstrap interval "
+          f"over the seeds and the noises]; the training reward: the mean since the row before, over the seeds")
+    print(f"at step {steps}, differences per seed and noise (seed s with P-Training against seed s without) "
+          f"[95 % two-level paired bootstrap]:")
     print(f"  with P-Training, the gap of the chain it trains on minus its phase-0 gap   {lab.mean_ci(ps - p0, 5, True)}")
     print(f"  the phase-0 gap, with minus without P-Training                             {lab.mean_ci(p0 - w0, 5, True)}")
     print(f"  the gap of the chain trained on, with minus without P-Training             {lab.mean_ci(ps - w0, 5, True)}")
     print(f"({clock})")
+
 
 if __name__ == "__main__":
     from exercises import lab

@@ -65,7 +65,7 @@ def experiment(quick=False):
     clock, L = lab.Clock(), lab.load()
     ft = lab.finetunable(L, tlora=False)
     params = lab.lora_parameters(ft)
-    x_T = lab.noise(1 if quick else 8, seed=0)
+    x_T = lab.noise(1 if quick else 16, seed=0)
     chains = [(str(k), k, L.base) for k in ((1, 4) if quick else (1, 2, 4, 8))]
     chains.insert(chains.index(("4", 4, L.base)) + 1, ("4, distilled", 4, L.shortcut))
     cols = {name: dict(d=[], a=[], g=[], jac=[]) for name, _, _ in chains}

@@ -6,7 +6,7 @@ do not edit it.
     ft = finetunable(lab)                # the base with T-LoRA, as the ShortFT stage builds it
     x0 = sample(ft_or_base, lab, x_T)    # DDIM-50, no graph
 
-The experiments run on one CPU core in one to three minutes each (timed in exercises/README.md).
+The experiments run on a 2-core CPU in half a minute to four minutes each (timed in exercises/README.md).
 """
 import os
 import sys
@@ -120,17 +120,31 @@ def real_features(data_root=None, n_per_class=200, cache=None):
     return feats.numpy(), y.numpy()
 
 
+def two_level(n_seeds, n_noises, n_boot=2000, seed=0):
+    """The index pairs of a two-level bootstrap over training seeds and evaluation noises: n_boot pairs
+    (seeds (n_seeds,), noises (n_noises,)), each drawn with replacement. One draw of noises serves every seed,
+    as every seed's model is measured on the same noises (a paired resampling). The spread it gives covers both
+    another training run and other noises."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield rng.integers(0, n_seeds, n_seeds), rng.integers(0, n_noises, n_noises)
+
+
 def bootstrap(values, n_boot=2000, seed=0):
-    """(mean, [2.5 %, 97.5 %] percentile bootstrap interval) of per-sample values."""
+    """(mean, [2.5 %, 97.5 %] percentile bootstrap interval) of per-noise values (N,), or of per-seed,
+    per-noise values (S, N): then a two-level bootstrap (two_level), seeds and noises both resampled."""
     v = np.asarray(values, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
+    if v.ndim == 2:
+        means = np.array([v[s][:, i].mean() for s, i in two_level(*v.shape, n_boot, seed)])
+    else:
+        means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
     return float(v.mean()), [float(x) for x in np.percentile(means, [2.5, 97.5])]
 
 
 def mean_ci(values, digits=3, sign=False):
-    """ "mean [2.5 %, 97.5 %]" of per-noise (or per-seed) values, the interval a percentile bootstrap over them
-    (bootstrap): the form every experiment prints its numbers in."""
+    """ "mean [2.5 %, 97.5 %]" of per-noise values (N,) or per-seed, per-noise values (S, N), the interval a
+    percentile bootstrap over them (bootstrap): the form every experiment prints its numbers in."""
     m, (lo, hi) = bootstrap(values)
     f = f"{{:{'+' if sign else ''}.{digits}f}}"
     return f"{f.format(m)} [{f.format(lo)}, {f.format(hi)}]"

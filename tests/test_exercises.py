@@ -500,3 +500,32 @@ def test_experiments_refuse_an_unknown_option_in_one_line(capsys):
     p = subprocess.run([sys.executable, "-m", "exercises.ex7_truncation", "--nosuch"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "--nosuch" in p.stderr
+
+
+def test_two_level_bootstrap_covers_the_seeds_and_the_noises():
+    """lab.bootstrap on (seeds, noises) values, against closed forms: when the values differ only between seeds, its
+    interval is that of the mean of 3 seeds drawn with replacement (enumerated: 27 equally likely draws); when they
+    differ only between noises, it is the one-level interval over the noises (~ mean -/+ 1.96 sd / sqrt(N)); and the
+    seed-level spread is not lost when there are many noises (a one-level bootstrap over the pooled values would
+    give an interval ~ sqrt(S N / S) = 4 times narrower here)."""
+    import itertools
+
+    import numpy as np
+
+    from exercises import lab
+
+    a = np.array([0.0, 1.0, 2.0])
+    by_seed = np.repeat(a[:, None], 16, axis=1)  # (3, 16): the seed decides everything
+    means = np.sort([np.mean(c) for c in itertools.product(a, repeat=3)])  # the 27 equally likely resamples
+    m, (lo, hi) = lab.bootstrap(by_seed)
+    assert m == 1.0 and (lo, hi) == (means[0], means[-1])  # 1/27 = 3.7 % at each end: past the 2.5 % points
+    e = np.random.default_rng(1).normal(size=400)
+    by_noise = np.repeat(e[None], 3, axis=0)  # (3, 400): the seed changes nothing
+    m, (lo, hi) = lab.bootstrap(by_noise)
+    half = 1.96 * e.std() / np.sqrt(len(e))
+    assert m == pytest.approx(e.mean()) and hi - lo == pytest.approx(2 * half, rel=0.1)
+    assert (lo + hi) / 2 == pytest.approx(e.mean(), abs=0.1 * half)
+    both = a[:, None] + 0.01 * np.random.default_rng(2).normal(size=(3, 16))
+    _, (lo2, hi2) = lab.bootstrap(both)
+    _, (lo1, hi1) = lab.bootstrap(both.reshape(-1))
+    assert hi2 - lo2 > 1.5 and hi1 - lo1 < 0.8  # two levels: the 3 seeds' spread; pooled: 48 "independent" values

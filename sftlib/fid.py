@@ -152,6 +152,11 @@ def gaussian_stats(features):
     return f.mean(0), np.cov(f, rowvar=False)
 
 
+def spread(features):
+    """tr(Sigma) of (N, D) features, the unbiased covariance in float64: the spread a diversity ratio divides."""
+    return float(np.trace(np.cov(np.asarray(features, np.float64), rowvar=False)))
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), the FID of Heusel et al. 2017
     ("GANs trained by a two time-scale update rule...", the FID definition; closed form of Dowson &

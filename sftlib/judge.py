@@ -29,8 +29,9 @@ import torch
 from rewards import class_index
 from sftlib.common import UserError, load_checkpoint
 from sftlib.data import CLASSES, load_cifar10
-from sftlib.fid import fid_from_features as _fd, frechet_distance, gaussian_stats
+from sftlib.fid import fid_from_features as _fd, frechet_distance, gaussian_stats, spread
 from sftlib.nets import load_classifier, net_outputs, real_feature_stats
+from sftlib.readers import check_samples
 
 N_FLOOR = 10000  # real training images behind the floors (the test split has 10k too)
 
@@ -70,16 +71,10 @@ def real_stats(out_dir, device):
     return real_feature_stats(net, device, x_test, y_test, x_train[order], np.asarray(y_train)[order.numpy()], path)
 
 
-def _spread(f):
-    return float(np.trace(np.cov(np.asarray(f, np.float64), rowvar=False)))  # tr(Sigma), unbiased
-
-
 def judge_scores(images, out_dir, device, target=None):
     """The judge's scores of uint8 samples (N, 32, 32, 3), N >= 2 -> a flat dict of judge_* keys (module
     docstring); target: a CIFAR-10 class name or index, or None."""
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or \
-            images.shape[1:] != (32, 32, 3) or len(images) < 2:
-        raise UserError(f"samples must be uint8 (N, 32, 32, 3) with N >= 2, got {getattr(images, 'shape', images)}")
+    check_samples(images)
     target = None if target in (None, "") else class_index(target)
     device = torch.device(device)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
@@ -92,7 +87,7 @@ def judge_scores(images, out_dir, device, target=None):
     m = {"judge_fd": frechet_distance(*gaussian_stats(feats), stats["mu_test"], stats["sigma_test"]),
          "judge_fd_floor": frechet_distance(*gaussian_stats(stats["feats_train"][:n_floor]), stats["mu_test"],
                                             stats["sigma_test"]),
-         "judge_diversity": _spread(feats) / float(np.trace(stats["sigma_test"])),
+         "judge_diversity": spread(feats) / float(np.trace(stats["sigma_test"])),
          "judge_class_entropy": float(-(hist[hist > 0] * np.log(hist[hist > 0])).sum())}
     if target is not None:
         sel = feats[pred == target]  # (n_target, D): the samples the judge calls the target
@@ -102,5 +97,5 @@ def judge_scores(images, out_dir, device, target=None):
             train_t = stats["feats_train"][stats["labels_train"] == target][:len(sel)]  # already in random order
             m["judge_fd_target"] = _fd(sel, real)
             m["judge_fd_target_floor"] = _fd(train_t, real) if len(train_t) >= 2 else float("nan")
-            m["judge_diversity_target"] = _spread(sel) / _spread(real)
+            m["judge_diversity_target"] = spread(sel) / spread(real)
     return m

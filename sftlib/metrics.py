@@ -35,9 +35,9 @@ from sftlib import config, judge
 from sftlib.common import UserError, bf16_autocast, load_checkpoint, pick_device, to_uint8
 from sftlib.models import load_reward
 from sftlib.data import CLASSES, load_cifar10
-from sftlib.fid import fid_from_features as _fd, frechet_distance, gaussian_stats  # the Fréchet distance of any features (FID's formula)
+from sftlib.fid import fid_from_features as _fd, frechet_distance, gaussian_stats, spread  # the Fréchet distance of any features (FID's formula)
 from sftlib.nets import load_classifier, net_outputs, real_feature_stats  # net_outputs: features and log p of any of the three nets
-from sftlib.readers import checked_stats, npz_names, read_npz
+from sftlib.readers import check_samples, checked_stats, npz_names, read_npz
 
 # what <out_dir>/evaluator/real_stats.npz (and judge/real_stats.npz) hold: (dtype kinds, shape), None any length
 FD_NAME = "evaluator-feature Fréchet distance (not comparable to published FID)"
@@ -71,14 +71,6 @@ def real_stats(out_dir, device):
     return real_feature_stats(net, device, x_test, y_test, x_train[keep], np.asarray(y_train)[keep.numpy()], path)
 
 
-def check_samples(images):
-    """Samples must be uint8 (N, 32, 32, 3) with N >= 2 (what `train_toy.py sample` writes)."""
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        raise UserError(f"samples must be a uint8 array, got {getattr(images, 'dtype', type(images).__name__)}")
-    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.shape[0] < 2:
-        raise UserError(f"samples must have shape (N, 32, 32, 3) with N >= 2, got {images.shape}")
-
-
 def load_samples(path):
     """The 'images' array of a .npz written by `train_toy.py sample`, checked."""
     if not os.path.isfile(path):
@@ -93,10 +85,6 @@ def _resample_to_mix(labels, counts, rng):
     idx = [rng.choice(np.flatnonzero(labels == c), n, replace=True) for c, n in enumerate(counts)
            if n > 0 and (labels == c).any()]  # a class the real set lacks (a --n_test subset) is left out
     return np.concatenate(idx) if idx else np.zeros(0, dtype=int)
-
-
-def _spread(f):
-    return float(np.trace(np.cov(f, rowvar=False)))
 
 
 def class_matched(feats, pred, stats, target=None, seed=0):
@@ -117,7 +105,7 @@ def class_matched(feats, pred, stats, target=None, seed=0):
     ref = stats["feats_test"][_resample_to_mix(stats["labels_test"], ref_counts, rng)]
     floor = stats["feats_train"][_resample_to_mix(stats["labels_train"], counts, rng)]
     m = {"fd_matched": _fd(feats, ref), "fd_matched_floor": _fd(floor, ref),
-         "diversity_matched": _spread(feats) / _spread(ref)}
+         "diversity_matched": spread(feats) / spread(ref)}
     if target is not None:
         sel = feats[pred == target]
         real = stats["feats_test"][stats["labels_test"] == target]
@@ -126,7 +114,7 @@ def class_matched(feats, pred, stats, target=None, seed=0):
             train_t = stats["feats_train"][stats["labels_train"] == target]
             m["fd_target"] = _fd(sel, real)
             m["fd_target_floor"] = _fd(train_t[rng.permutation(len(train_t))[:len(sel)]], real)
-            m["diversity_target"] = _spread(sel) / _spread(real)
+            m["diversity_target"] = spread(sel) / spread(real)
     return m
 
 

@@ -286,6 +286,14 @@ def check_checkpoint(ckpt, path):
 
 # ---- images ------------------------------------------------------------------------------------------------
 
+def check_samples(images):
+    """Samples must be uint8 (N, 32, 32, 3) with N >= 2 (what `train_toy.py sample` writes)."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise UserError(f"samples must be a uint8 array, got {getattr(images, 'dtype', type(images).__name__)}")
+    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.shape[0] < 2:
+        raise UserError(f"samples must have shape (N, 32, 32, 3) with N >= 2, got {images.shape}")
+
+
 def read_image(path, size=None):
     """An image file as uint8 RGB (H, W, 3) (resized to size x size when given), or one line: not an image,
     truncated, or larger than MAX_PIXELS (a decompression bomb is refused before it is decoded)."""

@@ -13,7 +13,9 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from frontier import bootstrap_mean, frontier_at, matched, paired_difference  # noqa: E402
 from sftlib.common import pyplot, save_figure  # noqa: E402
+from sftlib.readers import read_npz  # noqa: E402
 
+SAMPLES = {"x": ("u", (None, 32, 32, 3))}  # what ft_probe.py writes as samples_after.npz: uint8 NHWC
 ABLATIONS = (("one LoRA (the primary arm)", "shortft"), ("+ T-LoRA (k LoRAs, stacked)", "shortft_tlora"),
              ("+ T-LoRA + P-Training", "shortft_tlora_ptrain"), ("naive jump (the base's one DDIM step)", "shortft_naive"),
              ("distilled shortcut (= the primary arm)", "shortft"), ("perfect shortcut (the base's real steps)", "shortft_perfect"))
@@ -180,8 +182,8 @@ def sample_grid(res, reward, s, folder, tag, device):
         rs = [r for r in res["runs"] if r["reward"] == reward and r["name"] == n and r["seed"] == res["seeds"][0]]
         best = min(rs, key=lambda r: abs(r["curve"][-1][ck] - r["curve"][0][ck] - mid))
         res.setdefault("grid_runs", {}).setdefault(reward, {})[n] = best["dir"]
-        with np.load(os.path.join(res["opts"]["out_dir"], best["dir"], "samples_after.npz")) as f:
-            rows.append(torch.from_numpy(f["x"][:8]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+        x = read_npz(os.path.join(res["opts"]["out_dir"], best["dir"], "samples_after.npz"), SAMPLES, "samples file")["x"]
+        rows.append(torch.from_numpy(x[:8]).permute(0, 3, 1, 2).float() / 127.5 - 1)
     unet, sched, _ = load_ddpm(os.path.join(res["opts"]["out_dir"], "ddpm", "ckpt.pt"), device)
     x_T = torch.randn(res["opts"]["n_eval"], 3, 32, 32, generator=torch.Generator().manual_seed(4321))[:8].to(device)
     base = ddim50(unet, sched, x_T).cpu()  # the same fixed noise as every run's evaluation (train_shortft.py)
@@ -221,7 +223,8 @@ def inception_rows(res, device, n_ref=500):
             cls = feats(x[y == c][:n_ref].permute(0, 2, 3, 1).numpy())
             floor = fid.fid_from_features(feats(xt[yt == c][:len(base)].permute(0, 2, 3, 1).numpy()), cls)
         for name, path in [("base", None), *grid.items()]:
-            imgs = base if path is None else np.load(os.path.join(out_dir, path, "samples_after.npz"))["x"]
+            imgs = base if path is None else read_npz(os.path.join(out_dir, path, "samples_after.npz"), SAMPLES,
+                                                      "samples file")["x"]
             f = feats(imgs)
             r = dict(fid=fid.frechet_distance(*fid.gaussian_stats(f), ref["mu"], ref["sigma"]),
                      kid=fid.kid_from_features(f, ref["kid_features"])[0], n=len(f))

@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules live at ROOT
 
 from sftlib.common import bf16_autocast  # noqa: E402
+from sftlib.readers import read_npz  # noqa: E402
 
 T_START = time.time()  # the benchmark's clock: every log line and gpu.py's budget count from here
 
@@ -335,8 +336,7 @@ def section_fid(opts, device):
                            n, f_test[fair])
     for f in sorted(os.listdir(opts["out"])):
         if f.startswith("samples_") and f.endswith(".npz"):
-            with np.load(os.path.join(opts["out"], f)) as z:
-                imgs = z["images"]
+            imgs = read_npz(os.path.join(opts["out"], f), {"images": ("u", (None, 32, 32, 3))}, "samples file")["images"]
             fs = feats(imgs)
             res[f[8:-4]] = dict(n=len(imgs), fid=fid.fid_from_features(fs, f_test), kid=kid(fs, f_test))
             if len(imgs) > 2000:

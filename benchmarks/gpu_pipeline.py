@@ -13,6 +13,7 @@ import torch
 from gpu_jobs import log, peak_mib, reset_peak
 from sftlib import config
 from sftlib.common import UserError
+from sftlib.readers import NUMBER, read_csv, read_json
 
 # the classroom base: small enough for a laptop CPU to fine-tune in minutes and to ship (< 30 MB)
 CLASSROOM = dict(ch=48, ch_mult="1,2,2", num_res_blocks=2, attn_res="8", dropout=0.0, ddpm_batch=256, ddpm_lr=8e-4,
@@ -34,13 +35,7 @@ def read_results(paths, root=""):
     merged = {}
     for path in paths.split(","):
         path = os.path.join(root, path)
-        try:
-            with open(path) as f:
-                results = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {path}: {e}") from None
-        if not isinstance(results, dict):
-            raise UserError(f"{path} is not a results.json of benchmarks/gpu.py (not a JSON object)")
+        results = read_json(path, {}, "results.json of benchmarks/gpu.py")  # a JSON object, or one line
         for k, v in results.items():
             merged.setdefault(k, v)
     return merged
@@ -164,8 +159,8 @@ def section_pipeline(opts, device, RESULTS, save_results):
         log(json.dumps(row))
         RESULTS["pipeline"] = dict(command="python train_toy.py " + " ".join(args), stages=rows)
         save_results(opts)
-    with open(os.path.join(d, "shortft", "metrics.json")) as f:
-        m = json.load(f)
+    m = read_json(os.path.join(d, "shortft", "metrics.json"), {"before": dict, "after": dict, "ms_per_step_median": NUMBER},
+                  "ShortFT metrics")
     keys = ("fid", "kid", "evaluator_target_rate", "judge_target_rate", "diversity", "reward_mean")
     RESULTS["pipeline"].update(total_s=round(time.time() - t_all, 1), before={k: m["before"].get(k) for k in keys},
                                after={k: m["after"].get(k) for k in keys}, ft_ms_per_step=m["ms_per_step_median"])
@@ -187,16 +182,16 @@ def stage_rate(d, stage):
     """The measured rate of a finished stage: the mean img/s of its log.csv rows after the first (whose window
     holds the warm-up: cuDNN's autotuning, allocations), its step count; ShortFT's median ms/step."""
     if stage == "shortft":
-        with open(os.path.join(d, "shortft", "metrics.json")) as f:
-            m = json.load(f)
+        m = read_json(os.path.join(d, "shortft", "metrics.json"), {"ms_per_step_median": NUMBER, "steps": int},
+                      "ShortFT metrics")
         return dict(ms_per_step=m["ms_per_step_median"], steps=m["steps"])
     if stage == "classifier":
         return {}
-    import numpy as np
-
-    log_csv = np.loadtxt(os.path.join(d, stage, "log.csv"), delimiter=",", skiprows=1, ndmin=2)
+    _, log_csv = read_csv(os.path.join(d, stage, "log.csv"), what=f"{stage} log")  # step first, img/s last
+    if not log_csv:
+        raise UserError(f"{os.path.join(d, stage, 'log.csv')} has no rows: the stage logged no step")
     rows = log_csv[1:] if len(log_csv) > 1 else log_csv
-    return dict(img_per_s=round(float(rows[:, -1].mean()), 1), steps=int(log_csv[-1, 0]))
+    return dict(img_per_s=round(sum(r[-1] for r in rows) / len(rows), 1), steps=int(log_csv[-1][0]))
 
 
 def last_grid(d, stage):

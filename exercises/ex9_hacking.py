@@ -75,12 +75,13 @@ def experiment(quick=False, lr=1e-2, steps=30, batch=4, n_eval=16, seeds=3):
         feats, pred = lab.judge(L, x0)
         return dict(p=L.reward(x0).exp().numpy(), feats=feats, pred=pred)
 
+    real_moments = real_feats.mean(0), np.cov(real_feats, rowvar=False, bias=True)  # all real images: mu, Sigma
+
     def metrics(j, idx):
         f, pred = j["feats"][idx], j["pred"][idx]
         return [float(j["p"][idx].mean()), float((pred == lab.TARGET).mean()),
                 class_matched_fd(f, pred, real_feats, real_labels),
-                frechet_distance(f.mean(0), np.cov(f, rowvar=False, bias=True),
-                                 real_feats.mean(0), np.cov(real_feats, rowvar=False, bias=True)),
+                frechet_distance(f.mean(0), np.cov(f, rowvar=False, bias=True), *real_moments),
                 diversity(f), matched_diversity(f, pred, real_feats, real_labels)]
 
     before = lab.sample(L.base, L, x_eval)  # every run starts from the base (LoRA's B is zero)
@@ -108,8 +109,10 @@ def experiment(quick=False, lr=1e-2, steps=30, batch=4, n_eval=16, seeds=3):
     rows = [metrics(j_before, everyone)] + [metrics(j, everyone) for j in j_after]
     change = np.mean(rows[1:], 0) - rows[0]  # the seeds' mean after, minus before
     # a two-level paired bootstrap: the training seeds resampled, and the noises, the same ones before and after
-    boots = np.array([np.mean([metrics(j_after[s], i) for s in ss], 0) - metrics(j_before, i)
-                      for ss, i in lab.two_level(seeds, n_eval, 100 if quick else 200)])
+    def resampled_change(ss, i):  # each seed drawn is measured once on the resampled noises i
+        after = {s: metrics(j_after[s], i) for s in set(ss.tolist())}
+        return np.mean([after[s] for s in ss], 0) - metrics(j_before, i)
+    boots = np.array([resampled_change(ss, i) for ss, i in lab.two_level(seeds, n_eval, 100 if quick else 500)])
     lo, hi = np.nanpercentile(boots, [2.5, 97.5], axis=0)
     print(f"\n{n_eval} DDIM-50 samples from the same noises, judged by the held-out evaluator against {len(real_feats)} "
           f"real test images; change: the {seeds} seeds' mean after, minus before [95 % two-level paired bootstrap "

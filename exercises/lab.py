@@ -1,4 +1,4 @@
-"""What the experiment exercises (6 to 10) share: the classroom checkpoints (checkpoints/), loaded into
+"""What the experiment exercises (6 to 11) share: the classroom checkpoints (checkpoints/), loaded into
 memory without touching out/, and the few measurements every experiment needs. Not an exercise: read it,
 do not edit it.
 

@@ -84,7 +84,7 @@ def over_splits(measure, n, B, splits=4000, seed=0, bound=1.0):
     pairs = [two_batches(n, B, rng) for _ in range(splits)]
     vals = np.array([measure(a, b) for a, b in pairs])  # (splits,)
     est = float(vals.mean())
-    if 2 * B >= n - 1:  # a split of the noises left would use every one of them: no interval
+    if 2 * B >= n:  # every split uses every noise: none can be left out, no interval
         return est, [float("nan"), float("nan")]
     used = np.zeros((splits, n), dtype=bool)  # used[j, i]: split j puts noise i in one of its batches
     for j, (a, b) in enumerate(pairs):

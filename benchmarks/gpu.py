@@ -3,6 +3,7 @@ pipeline) stage by stage and records what the GPU-run queue asks for; the other 
 the methods and Stable Diffusion one by one. One command, sized to finish in about 8 minutes on one H100 / H200:
 
     python benchmarks/gpu.py --data_root=PATH/cifar10 --out=out/gpu            # on a GPU: the pipeline
+    python benchmarks/gpu.py --data_root=PATH --out=$OUT --work=/tmp/gpu_work   # the same on the lent device
     python benchmarks/gpu.py --dry --out=/tmp/gpu_dry                          # CPU: tiny sizes, every code path
     python benchmarks/gpu.py --predict=benchmarks/results/gpu_h200.json        # the preset's predicted stage times
 
@@ -52,6 +53,8 @@ from gpu_jobs import (T_START, log, reset_peak, section_fid, section_methods, se
 DEFAULTS = dict(
     device="auto",
     out="out/gpu",
+    work="",  # the pipeline's run folder (checkpoints, logs, caches; default <out>/pipeline): on the device, a folder
+              # outside $OUT, so that only results.json and the three grids come back (the tool returns 8 files)
     data_root="data",
     dry=False,  # CPU smoke mode: tiny models, batches and budgets, every section's code path
     budget_s=500.0,  # the whole script's wall-clock target; sections get shares of it

@@ -132,13 +132,14 @@ def predict_pipeline(cfg, results, mode="bf16"):
 # --- the pipeline section: `python train_toy.py --preset=gpu`, stage by stage ------------------------------
 
 def section_pipeline(opts, device, RESULTS, save_results):
-    """The GPU preset end to end in this process, one stage after the other into <out>/pipeline: per stage its
-    wall time, peak memory and measured rate; then the FID/KID and held-out scores of shortft/metrics.json, the
-    grids copied to <out>, and the prediction of each stage from --predict_from beside the measurement."""
+    """The GPU preset end to end in this process, one stage after the other into --work (default <out>/pipeline):
+    per stage its wall time, peak memory and measured rate; then the FID/KID and held-out scores of
+    shortft/metrics.json, the grids copied to <out>, and the prediction of each stage from --predict_from beside
+    the measurement."""
     import train_toy
     from sftlib import fid
 
-    d = os.path.join(opts["out"], "pipeline")
+    d = opts.get("work") or os.path.join(opts["out"], "pipeline")  # the run's folder; only the results go to --out
     over = dict(preset="gpu", out_dir=d, data_root=opts["data_root"], device=device.type)
     if opts["dry"]:
         over.update(PIPELINE_DRY)

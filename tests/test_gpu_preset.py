@@ -131,19 +131,22 @@ def test_gpu_preset_is_predicted_within_eight_minutes_on_the_h200():
 
 def test_gpu_script_dry_runs_the_preset_end_to_end(tmp_path, cifar_root):
     """benchmarks/gpu.py's default section on the CPU (--dry): every stage of the preset with a tiny UNet, one
-    results.json with each stage's wall time and rate, the base's and fine-tuned model's scores, and the grids."""
+    results.json with each stage's wall time and rate, the base's and fine-tuned model's scores, and the grids;
+    with --work elsewhere, --out holds those four files and nothing else (the device returns at most 8 files)."""
+    out = tmp_path / "out"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--dry", "--device=cpu",
-                        f"--out={tmp_path}", f"--data_root={cifar_root}"], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
+                        f"--out={out}", f"--work={tmp_path / 'work'}", f"--data_root={cifar_root}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    r = json.loads((tmp_path / "results.json").read_text())["pipeline"]
+    shipped = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
+    assert shipped == ["before_after.png", "ddpm_samples.png", "results.json", "shortcut_samples.png"], shipped
+    assert (tmp_path / "work" / "shortft" / "metrics.json").is_file()  # the run itself stayed in --work
+    r = json.loads((out / "results.json").read_text())["pipeline"]
     assert [s["stage"] for s in r["stages"]] == ["ddpm", "shortcut", "classifier", "shortft"]
     assert all(s["wall_s"] > 0 for s in r["stages"]) and r["stages"][0]["img_per_s"] > 0
     assert r["stages"][0]["steps"] >= 2  # trained for its (dry) seconds, not a fixed step count
     assert r["stages"][3]["steps"] == 2 and r["after"]["judge_target_rate"] is not None
     assert "--preset=gpu" in r["command"]
-    for f in ("ddpm_samples.png", "shortcut_samples.png", "before_after.png"):
-        assert (tmp_path / f).is_file(), f
 
 
 def test_adam_state_saved_in_channels_last_resumes_the_same_in_nchw():

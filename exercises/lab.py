@@ -134,11 +134,10 @@ def bootstrap(values, n_boot=2000, seed=0):
     """(mean, [2.5 %, 97.5 %] percentile bootstrap interval) of per-noise values (N,), or of per-seed,
     per-noise values (S, N): then a two-level bootstrap (two_level), seeds and noises both resampled."""
     v = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
     if v.ndim == 2:
         means = np.array([v[s][:, i].mean() for s, i in two_level(*v.shape, n_boot, seed)])
     else:
-        means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
+        means = v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))].mean(1)
     return float(v.mean()), [float(x) for x in np.percentile(means, [2.5, 97.5])]
 
 
